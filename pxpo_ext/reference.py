@@ -1,0 +1,136 @@
+"""Pure-PyTorch reference of every pxpo formula (SPEC §1-5).
+
+This module is the single source of the maths: it is the CPU fallback (backend ``torch``)
+and the oracle every native and Triton kernel is tested against. It is written for
+clarity with autograd, never for speed. All arithmetic is float32 (float64 inputs stay
+float64 so that ``gradcheck`` works).
+
+Conventions shared by every backend (the ``normalised`` form that ``pxpo_ext.ops`` passes):
+
+- ``x``, ``mean``: ``(B, C, h, w)`` latents, same dtype.
+- ``std``: ``(B,)`` per-sample sigma, strictly positive.
+- ``granularity``: ``ELEMENT`` (one value per ``(c, i, j)``), ``PIXEL`` (sum over ``c``),
+  ``MEAN`` (DDPO: mean over ``(c, i, j)``).
+- ``loss_type``: ``PPO`` (clipped ratio) or ``SF`` (score function, no ratio).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ELEMENT, PIXEL, MEAN = 0, 1, 2
+GRANULARITIES = {"element": ELEMENT, "pixel": PIXEL, "mean": MEAN}
+PPO, SF = 0, 1
+LOSS_TYPES = {"ppo": PPO, "sf": SF}
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Log-density of ``x`` under ``N(mean, std^2)`` (SPEC §1-2), reduced to ``granularity``.
+
+    Shapes out: ``(B, C, h, w)`` for ELEMENT, ``(B, h, w)`` for PIXEL, ``(B,)`` for MEAN.
+    ``x`` is treated as a constant; gradients flow into ``mean`` only.
+    """
+    dt = _compute_dtype(mean)
+    x = x.detach().to(dt)
+    mean = mean.to(dt)
+    std = std.to(dt).reshape(-1, *([1] * (mean.dim() - 1)))
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    if granularity == ELEMENT:
+        return lp
+    if granularity == PIXEL:
+        return lp.sum(dim=1)
+    if granularity == MEAN:
+        return lp.mean(dim=tuple(range(1, lp.dim())))
+    raise ValueError(f"unknown granularity code {granularity}")
+
+
+def reward_to_latent(reward: torch.Tensor, weight: torch.Tensor | None, h: int, w: int):
+    """Weighted adaptive-average pooling of ``(B, H, W)`` reward maps to ``(B, h, w)`` (SPEC §3).
+
+    ``r = pool(W * R) / pool(W)`` (0 where the block has no weight), ``w = pool(W)``.
+    Adaptive pooling is a mean over each block, so the ratio equals the sums' ratio.
+    """
+    dt = _compute_dtype(reward)
+    reward = reward.to(dt)
+    if weight is None:
+        r = F.adaptive_avg_pool2d(reward.unsqueeze(1), (h, w)).squeeze(1)
+        return r, torch.ones_like(r)
+    weight = weight.to(dt)
+    num = F.adaptive_avg_pool2d((weight * reward).unsqueeze(1), (h, w)).squeeze(1)
+    den = F.adaptive_avg_pool2d(weight.unsqueeze(1), (h, w)).squeeze(1)
+    r = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return r, den
+
+
+def _unit_weights(weight: torch.Tensor | None, logp: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Weight of every unit (element, pixel or image) in the shape of ``logp``."""
+    if granularity == MEAN:
+        if weight is not None:
+            raise ValueError("granularity 'mean' (DDPO) takes no weight map")
+        return torch.ones_like(logp)
+    if weight is None:
+        return torch.ones_like(logp)
+    weight = weight.to(logp.dtype)
+    return weight.unsqueeze(1).expand_as(logp) if granularity == ELEMENT else weight
+
+
+def _unit_advantages(adv: torch.Tensor, logp: torch.Tensor, granularity: int) -> torch.Tensor:
+    adv = adv.to(logp.dtype)
+    if granularity == ELEMENT and adv.dim() == logp.dim() - 1:
+        return adv.unsqueeze(1).expand_as(logp)  # a location's advantage, shared by its channels
+    return adv
+
+
+def pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
+    """The PXPO loss (SPEC §5), differentiable in ``mean`` through autograd.
+
+    Returns ``(loss, stats)``: a 0-dim loss and ``stats = [approx_kl, clipfrac]``. With
+    ``granularity=MEAN`` this is exactly DDPO's per-image clipped loss.
+    """
+    logp = gaussian_logprob(x, mean, std, granularity)
+    wts = _unit_weights(weight, logp, granularity)
+    a = _unit_advantages(adv, logp, granularity)
+    logp_old = logp_old.to(logp.dtype)
+    batch = logp.shape[0]
+    per_image = tuple(range(1, logp.dim()))
+    wsum_b = wts.sum(dim=per_image) if per_image else wts
+    safe_wsum_b = torch.where(wsum_b > 0, wsum_b, torch.ones_like(wsum_b))
+    if loss_type == PPO:
+        ratio = torch.exp(logp - logp_old)
+        unclipped = -a * ratio
+        clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+        term = torch.maximum(unclipped, clipped)
+    elif loss_type == SF:
+        ratio = torch.exp(logp.detach() - logp_old)
+        term = -a * logp
+    else:
+        raise ValueError(f"unknown loss_type code {loss_type}")
+    num_b = (wts * term).sum(dim=per_image) if per_image else wts * term
+    loss = (num_b / safe_wsum_b).sum() / batch
+    with torch.no_grad():
+        total_w = wts.sum()
+        safe_total = torch.where(total_w > 0, total_w, torch.ones_like(total_w))
+        dl = (logp - logp_old).detach()
+        approx_kl = 0.5 * (wts * dl**2).sum() / safe_total
+        clipfrac = (wts * ((ratio.detach() - 1.0).abs() > clip_range).to(wts.dtype)).sum() / safe_total
+    return loss, torch.stack([approx_kl, clipfrac])
+
+
+def pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
+    """Loss, its gradient with respect to ``mean`` (in ``mean``'s dtype) and ``stats = [approx_kl, clipfrac]``.
+
+    The contract of every backend's fused kernel, derived here by autograd from ``pxpo_loss``.
+    """
+    with torch.enable_grad():
+        m = mean.detach().requires_grad_(True)
+        loss, stats = pxpo_loss(x, m, std, logp_old, adv, weight, clip_range, granularity, loss_type)
+        (grad,) = torch.autograd.grad(loss, m)
+    return loss.detach(), grad.to(mean.dtype), stats

@@ -1,0 +1,127 @@
+"""The reward-function contract and the registry of named reward functions.
+
+A reward function is called as ``reward_fn(images, prompts, metadata)`` with ``images`` a
+float tensor ``(B, 3, H, W)`` in ``[0, 1]``, ``prompts`` a list of ``B`` strings and
+``metadata`` a list of ``B`` dicts. It returns one of:
+
+- a tensor or array of per-image scalars ``(B,)`` (DDPO: a constant map) or maps ``(B, H, W)``
+  / ``(B, 1, H, W)`` at image resolution;
+- ``(rewards, info)`` as in TRL, where ``info`` is a dict that may hold ``"weight"``;
+- a :class:`RewardOutput`.
+
+A weight map in ``[0, 1]`` of the rewards' shape says where there is feedback (0: none).
+:func:`normalize_output` checks all of this and names the reward function in every error.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class RewardError(ValueError):
+    """A reward function returned something pxpo cannot use; the message names the function."""
+
+
+@dataclass
+class RewardOutput:
+    reward: torch.Tensor  # (B,) or (B, H, W), float32
+    weight: torch.Tensor | None = None  # (B, H, W) in [0, 1], or None for full weight
+    info: dict = field(default_factory=dict)
+
+
+def reward_name(fn) -> str:
+    return getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _tensor(value, name: str, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    elif isinstance(value, (np.ndarray, list, tuple, float, int)):
+        t = torch.as_tensor(np.asarray(value))
+    else:
+        raise RewardError(f"reward function {name!r} returned {what} of type {type(value).__name__}; return a tensor")
+    if not (t.dtype.is_floating_point or t.dtype in (torch.bool, torch.uint8, torch.int32, torch.int64)):
+        raise RewardError(f"reward function {name!r} returned {what} of dtype {t.dtype}; return floats")
+    return t.to(torch.float32).cpu()
+
+
+def normalize_output(out, name: str, batch: int, image_size: tuple[int, int]) -> RewardOutput:
+    """Check and convert a reward function's return value (see the module docstring)."""
+    info: dict = {}
+    weight = None
+    if isinstance(out, RewardOutput):
+        reward, weight, info = out.reward, out.weight, dict(out.info)
+    elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        reward, info = out[0], dict(out[1])
+        weight = info.pop("weight", None)
+    else:
+        reward = out
+    reward = _tensor(reward, name, "rewards")
+    if reward.dim() == 4 and reward.shape[1] == 1:
+        reward = reward[:, 0]
+    height, width = image_size
+    if reward.dim() == 1:
+        expected = (batch,)
+    elif reward.dim() == 3:
+        expected = (batch, height, width)
+    else:
+        expected = None
+    if expected is None or tuple(reward.shape) != expected:
+        raise RewardError(
+            f"reward function {name!r} returned rewards of shape {tuple(reward.shape)}; expected ({batch},) "
+            f"per-image scalars or ({batch}, {height}, {width}) maps for {batch} images of {height}x{width}"
+        )
+    if not bool(torch.isfinite(reward).all()):
+        raise RewardError(f"reward function {name!r} returned NaN or infinite rewards (shape {tuple(reward.shape)})")
+    if weight is not None:
+        weight = _tensor(weight, name, "a weight map")
+        if weight.dim() == 4 and weight.shape[1] == 1:
+            weight = weight[:, 0]
+        if tuple(weight.shape) != (batch, height, width):
+            raise RewardError(
+                f"reward function {name!r} returned a weight map of shape {tuple(weight.shape)}; "
+                f"expected ({batch}, {height}, {width})"
+            )
+        if not bool(torch.isfinite(weight).all()):
+            raise RewardError(f"reward function {name!r} returned a weight map with NaN or infinity")
+        if bool((weight < 0).any() | (weight > 1).any()):
+            raise RewardError(
+                f"reward function {name!r} returned weights outside [0, 1] "
+                f"(min {weight.min().item():g}, max {weight.max().item():g})"
+            )
+    return RewardOutput(reward=reward, weight=weight, info=info)
+
+
+_REGISTRY: dict[str, Callable[..., Callable]] = {}
+
+
+def register_reward(name: str):
+    """Register a factory ``factory(**options) -> reward_fn`` under ``name`` (used by ``--reward``)."""
+
+    def decorate(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"a reward named {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_reward(name: str, **options) -> Callable:
+    """Build the registered reward function ``name`` with ``options``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; available: {', '.join(available_rewards()) or 'none'}")
+    fn = _REGISTRY[name](**options)
+    if getattr(fn, "name", None) is None:
+        try:
+            fn.name = name
+        except AttributeError:
+            pass
+    return fn
