@@ -1,4 +1,38 @@
-"""Reward functions: per-pixel feedback sources (colour, segmentation, a person) and DDPO's scalars."""
-from .base import RewardError, RewardOutput, available_rewards, get_reward, normalize_output, register_reward
+"""Reward functions: per-pixel feedback sources (colour, segmentation, a person) and DDPO's scalars.
 
-__all__ = ["RewardError", "RewardOutput", "available_rewards", "get_reward", "normalize_output", "register_reward"]
+Importing this package registers every built-in reward by name (``get_reward(name, **options)``):
+``colour`` (the default: less blue), ``segmentation``, ``remove_circles``, ``human``,
+``jpeg_compressibility``, ``jpeg_incompressibility`` and ``scalar``. See docs/rewards.md.
+"""
+from .base import (
+    RewardError,
+    RewardOutput,
+    available_rewards,
+    get_reward,
+    normalize_output,
+    register_reward,
+)
+from .colour import ColourReward, check_images
+from .human import HumanFeedbackReward, feedback_from_masks, marks_to_maps
+from .scalar import JpegReward, scalar_reward
+from .segmentation import SegmentationReward, from_transformers
+from .segmenter import load_segmenter
+
+__all__ = [
+    "ColourReward",
+    "HumanFeedbackReward",
+    "JpegReward",
+    "RewardError",
+    "RewardOutput",
+    "SegmentationReward",
+    "available_rewards",
+    "check_images",
+    "feedback_from_masks",
+    "from_transformers",
+    "get_reward",
+    "load_segmenter",
+    "marks_to_maps",
+    "normalize_output",
+    "register_reward",
+    "scalar_reward",
+]
