@@ -8,11 +8,12 @@ from .base import (
     RewardError,
     RewardOutput,
     available_rewards,
+    check_images,
     get_reward,
     normalize_output,
     register_reward,
 )
-from .colour import ColourReward, check_images
+from .colour import ColourReward
 from .human import HumanFeedbackReward, feedback_from_masks, marks_to_maps
 from .scalar import JpegReward, scalar_reward
 from .segmentation import SegmentationReward, from_transformers

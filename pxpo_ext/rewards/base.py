@@ -32,6 +32,32 @@ class RewardOutput:
     info: dict = field(default_factory=dict)
 
 
+def check_images(images, name: str) -> torch.Tensor:
+    """Refuse anything but a finite float ``(B, 3, H, W)`` tensor in ``[0, 1]``; the error names ``name``."""
+    if not isinstance(images, torch.Tensor):
+        raise RewardError(f"reward function {name!r} needs images as a torch tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise RewardError(
+            f"reward function {name!r} needs images of shape (B, 3, H, W), got {tuple(images.shape)}; "
+            "pass RGB images channels-first"
+        )
+    if not images.dtype.is_floating_point:
+        raise RewardError(
+            f"reward function {name!r} needs float images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255"
+        )
+    if images.numel() == 0:
+        raise RewardError(f"reward function {name!r} got an empty batch of shape {tuple(images.shape)}")
+    if not bool(torch.isfinite(images).all()):
+        raise RewardError(f"reward function {name!r} got images with NaN or infinite values")
+    low, high = images.min().item(), images.max().item()
+    if low < 0.0 or high > 1.0:
+        raise RewardError(
+            f"reward function {name!r} needs images in [0, 1], got values in [{low:g}, {high:g}]; "
+            "decode with (x / 2 + 0.5).clamp(0, 1)"
+        )
+    return images
+
+
 def reward_name(fn) -> str:
     return getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
 

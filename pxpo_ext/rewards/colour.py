@@ -1,7 +1,5 @@
 """Colour rewards: per-pixel feedback computed from the decoded RGB values (SPEC §7.1).
 
-Also holds :func:`check_images`, the input check every pxpo reward function runs first.
-
 Two modes:
 
 - ``"reduce"`` (the default, the paper's "less blue" experiment): ``R = -c`` for the chosen
@@ -22,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import RewardError, register_reward
+from .base import RewardError, check_images, register_reward
 
 CHANNELS = {"red": 0, "green": 1, "blue": 2, "r": 0, "g": 1, "b": 2}
 _NAMED_COLOURS = {
@@ -36,32 +34,6 @@ _RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
                             [0.2126729, 0.7151522, 0.0721750],
                             [0.0193339, 0.1191920, 0.9503041]])
 _D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
-
-
-def check_images(images, name: str) -> torch.Tensor:
-    """Refuse anything but a finite float ``(B, 3, H, W)`` tensor in ``[0, 1]``; the error names ``name``."""
-    if not isinstance(images, torch.Tensor):
-        raise RewardError(f"reward function {name!r} needs images as a torch tensor, got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise RewardError(
-            f"reward function {name!r} needs images of shape (B, 3, H, W), got {tuple(images.shape)}; "
-            "pass RGB images channels-first"
-        )
-    if not images.dtype.is_floating_point:
-        raise RewardError(
-            f"reward function {name!r} needs float images in [0, 1], got dtype {images.dtype}; divide uint8 images by 255"
-        )
-    if images.numel() == 0:
-        raise RewardError(f"reward function {name!r} got an empty batch of shape {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        raise RewardError(f"reward function {name!r} got images with NaN or infinite values")
-    low, high = images.min().item(), images.max().item()
-    if low < 0.0 or high > 1.0:
-        raise RewardError(
-            f"reward function {name!r} needs images in [0, 1], got values in [{low:g}, {high:g}]; "
-            "decode with (x / 2 + 0.5).clamp(0, 1)"
-        )
-    return images
 
 
 def srgb_to_lab(images: torch.Tensor) -> torch.Tensor:

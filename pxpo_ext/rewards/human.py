@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .base import RewardError, RewardOutput, register_reward
-from .colour import check_images
+from .base import check_images
 
 MAX_MARK_PIXELS = 4096 * 4096  # refuse marks larger than this (decompression bombs, typos)
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .base import RewardError, register_reward, reward_name
-from .colour import check_images
+from .base import check_images
 
 JPEG_QUALITY = 95
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RewardError, register_reward
-from .colour import check_images
+from .base import check_images
 
 
 def _model_labels(model) -> dict[str, int]:
