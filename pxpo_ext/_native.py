@@ -1,0 +1,142 @@
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA extension ``pxpo_ext._C``.
+
+``import pxpo_ext._C`` registers the operators ``torch.ops.pxpo.*`` (schemas in
+``csrc/pxpo_ops.cpp``, kernels in ``csrc/cpu`` and ``csrc/cuda``; the dispatcher picks the
+kernel from the tensors' device). :func:`load` imports it on first use and then adds, once,
+what torch.compile and autograd need: a fake (meta) kernel for every op, and the autograd
+formulas of ``gaussian_logprob`` (its backward op) and ``pxpo_loss`` (the gradient the
+fused forward already computed, scaled by the incoming gradient).
+
+The four backend functions take the normalised arguments of :mod:`pxpo_ext.reference`.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+
+import torch
+
+from ._backend import BackendUnavailable
+from .reference import ELEMENT, MEAN, PIXEL
+
+_lock = threading.Lock()
+_C = None
+
+
+def load():
+    """The extension module, imported and registered once; raises :class:`BackendUnavailable`."""
+    global _C
+    if _C is not None:
+        return _C
+    with _lock:
+        if _C is None:
+            try:
+                module = importlib.import_module("pxpo_ext._C")
+            except ImportError as e:  # not built, or built against another torch
+                raise BackendUnavailable(
+                    f"pxpo_ext._C is not built or does not load ({e}): run `pip install --no-build-isolation -e .` "
+                    "in the pxpo checkout with the torch you use installed (docs/build.md), or choose "
+                    "PXPO_BACKEND=torch"
+                ) from e
+            _register_python_parts()
+            _C = module
+    return _C
+
+
+def has_cuda() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return bool(load().has_cuda())
+
+
+def build_info() -> dict:
+    """Version, compiler, OpenMP, CUDA and torch version of the build."""
+    return dict(load().build_info())
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _unit_shape(x: torch.Tensor, granularity: int) -> tuple:
+    b, c, h, w = x.shape
+    shapes = {ELEMENT: (b, c, h, w), PIXEL: (b, h, w), MEAN: (b,)}
+    if granularity not in shapes:
+        raise ValueError(f"granularity code must be 0 (element), 1 (pixel) or 2 (mean), got {granularity}")
+    return shapes[granularity]
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd formulas; called once, right after ``_C`` is imported."""
+    lib = "pxpo::"
+
+    @torch.library.register_fake(lib + "gaussian_logprob")
+    def _(x, mean, std, granularity):
+        torch._check(x.shape == mean.shape, lambda: "x and mean must have the same shape")
+        return x.new_empty(_unit_shape(x, granularity), dtype=_compute_dtype(x))
+
+    @torch.library.register_fake(lib + "gaussian_logprob_backward")
+    def _(grad, x, mean, std, granularity):
+        return torch.empty_like(mean, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "reward_to_latent")
+    def _(reward, weight, h, w):
+        shape = (reward.shape[0], h, w)
+        dtype = _compute_dtype(reward)
+        return reward.new_empty(shape, dtype=dtype), reward.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake(lib + "pxpo_loss")
+    def _(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type):
+        dtype = _compute_dtype(x)
+        grad = torch.empty_like(mean, memory_format=torch.contiguous_format)
+        return x.new_empty((), dtype=dtype), grad, x.new_empty((2,), dtype=dtype)
+
+    def logprob_setup(ctx, inputs, output):
+        x, mean, std, granularity = inputs
+        ctx.save_for_backward(x, mean, std)
+        ctx.granularity = granularity
+
+    def logprob_backward(ctx, grad):
+        x, mean, std = ctx.saved_tensors
+        grad_mean = None
+        if ctx.needs_input_grad[1]:
+            grad_mean = torch.ops.pxpo.gaussian_logprob_backward(grad, x, mean, std, ctx.granularity)
+        return None, grad_mean, None, None
+
+    torch.library.register_autograd(lib + "gaussian_logprob", logprob_backward, setup_context=logprob_setup)
+
+    def loss_setup(ctx, inputs, output):
+        _, grad_mean, stats = output
+        ctx.mark_non_differentiable(grad_mean, stats)
+        ctx.save_for_backward(grad_mean)
+
+    def loss_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
+        # The fused forward stored d loss / d mean; the chain rule only scales it.
+        (grad_mean,) = ctx.saved_tensors
+        grad = grad_loss * grad_mean if ctx.needs_input_grad[1] else None
+        return None, grad, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "pxpo_loss", loss_backward, setup_context=loss_setup)
+
+
+def _ops():
+    load()
+    return torch.ops.pxpo
+
+
+def gaussian_logprob(x, mean, std, granularity: int):
+    return _ops().gaussian_logprob(x, mean, std, granularity)
+
+
+def reward_to_latent(reward, weight, h: int, w: int):
+    r, wl = _ops().reward_to_latent(reward, weight, h, w)
+    return r, wl
+
+
+def pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
+    loss, _, stats = _ops().pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type)
+    return loss, stats
+
+
+def pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
+    return tuple(_ops().pxpo_loss(x.detach(), mean.detach(), std, logp_old, adv, weight, clip_range, granularity,
+                                  loss_type))
