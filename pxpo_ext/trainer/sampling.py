@@ -1,0 +1,83 @@
+"""Rollouts: DDIM sampling with classifier-free guidance that records what training needs.
+
+Each step calls :func:`pxpo_ext.ddim_step_with_logprob`, storing the latents, the float32
+log-probability at the trainer's granularity and the timestep. Deterministic steps
+(sigma = 0, e.g. a final step with ``set_alpha_to_one=True``) have no density: they are taken
+at their mean and marked untrainable.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..ddim import ddim_mean_and_std, ddim_sigmas, ddim_step_with_logprob
+
+
+def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
+    """Text embeddings (B, L, D) from the pipeline's own ``encode_prompt`` (handles any SD-style tokenizer)."""
+    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+    return embeds
+
+
+def initial_latents(shape, seeds: list[int | None], generator: torch.Generator, device) -> torch.Tensor:
+    """x_T per sample: from ``Generator().manual_seed(seed)`` where a seed is given, else from ``generator``."""
+    rows = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else generator
+        rows.append(randn_tensor((1, *shape), generator=gen, device=torch.device(device), dtype=torch.float32))
+    return torch.cat(rows)
+
+
+def trainable_steps(scheduler, eta: float) -> torch.Tensor:
+    """Bool (T,): which of ``scheduler.timesteps`` are stochastic (sigma > 0) and so can be trained on."""
+    return ddim_sigmas(scheduler, eta) > 0
+
+
+def guided_noise(unet, latents, timesteps, embeds, negative_embeds, guidance_scale: float | None):
+    """The UNet's prediction, with classifier-free guidance as one batched forward when a scale is given."""
+    if guidance_scale is None:
+        return unet(latents, timesteps, encoder_hidden_states=embeds).sample
+    n = latents.shape[0]
+    model_in = torch.cat([latents, latents])
+    t_in = torch.cat([timesteps, timesteps]) if timesteps.dim() else timesteps
+    out = unet(model_in, t_in, encoder_hidden_states=torch.cat([negative_embeds.expand(n, -1, -1), embeds])).sample
+    uncond, cond = out.float().chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) float32 in [0, 1] from x_0 latents."""
+    x = latents.to(vae.dtype) / vae.config.scaling_factor
+    return (vae.decode(x, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(unet, vae, scheduler, embeds, negative_embeds, latents, *, num_steps: int, eta: float,
+           guidance_scale: float, granularity: str, generator, dtype=torch.float32):
+    """Run the sampler from ``latents`` (x_T, float32); the UNet sees them in ``dtype``.
+
+    ``generator``: one ``torch.Generator`` or one per sample (diffusers' ``randn_tensor`` convention).
+    Returns ``(all_latents (B, T+1, ...), log_probs (B, T, ...), timesteps (B, T), images)``.
+    """
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    stochastic = trainable_steps(scheduler, eta)
+    scale = guidance_scale if guidance_scale != 1.0 else None
+    all_latents, all_logps = [latents], []
+    x = latents
+    for i, t in enumerate(scheduler.timesteps):
+        noise = guided_noise(unet, x.to(dtype), t, embeds, negative_embeds, scale)
+        if stochastic[i]:
+            step = ddim_step_with_logprob(scheduler, noise, t.cpu(), x, eta=eta, generator=generator,
+                                          granularity=granularity)
+            x = step.prev_sample
+            all_logps.append(step.log_prob)
+        else:  # no density: take the mean, store no log-prob (filled with zeros below, never trained on)
+            x, _ = ddim_mean_and_std(scheduler, noise, t, x, eta)
+            all_logps.append(None)
+        all_latents.append(x)
+    template = next((lp for lp in all_logps if lp is not None), None)
+    if template is None:
+        raise ValueError("every sampling step is deterministic (sigma = 0): nothing to train on; use eta > 0")
+    log_probs = torch.stack([torch.zeros_like(template) if lp is None else lp for lp in all_logps], dim=1)
+    timesteps = scheduler.timesteps.to(latents.device).long().unsqueeze(0).expand(latents.shape[0], -1)
+    return torch.stack(all_latents, dim=1), log_probs, timesteps.contiguous(), decode(vae, x)

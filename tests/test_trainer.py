@@ -1,0 +1,230 @@
+"""End-to-end tests of the PXPO/DDPO trainer on a tiny Stable-Diffusion pipeline built from configs.
+
+``build_tiny_pipeline`` (also used by the checkpoint and multi-process tests) saves a
+random-weight SD pipeline (8x8 latents, 16x16 images) to a folder, offline.
+"""
+import json
+import os
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pxpo_ext.trainer import PXPOConfig, PXPOTrainer, load_pipeline
+
+PROMPT = "a red circle on a blue background"
+
+
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-character table: every byte gets a printable character."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(extra))]
+
+
+def build_tiny_pipeline(folder, set_alpha_to_one: bool = False) -> str:
+    """A random-weight SD pipeline saved under ``folder/pipe`` (no download); returns its path."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                                norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                        norm_num_groups=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(f"{folder}/tok", exist_ok=True)
+    with open(f"{folder}/tok/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{folder}/tok/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(f"{folder}/tok/vocab.json", f"{folder}/tok/merges.txt", model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(f"{folder}/pipe")
+    return f"{folder}/pipe"
+
+
+def tiny_config(model: str, output_dir, **overrides) -> PXPOConfig:
+    """A few-second run: 2 images, 3 DDIM steps, one minibatch per epoch."""
+    settings = {"model": model, "output_dir": str(output_dir), "seed": 0, "num_epochs": 1, "sample_num_steps": 3,
+                    "sample_batch_size": 2, "sample_num_batches_per_epoch": 1, "train_batch_size": 2,
+                    "per_prompt_stat_tracking": False, "num_eval_images": 0, "save_freq": 0, "log_images_every": 0,
+                    "use_tensorboard": False, "reward_workers": 1}
+    settings.update(overrides)
+    return PXPOConfig(**settings)
+
+
+def blue_reward(images, prompts, metadata):
+    """Per-pixel 'less blue' reward maps (B, H, W)."""
+    return -images[:, 2]
+
+
+def constant_map_reward(images, prompts, metadata):
+    """Each image's mean brightness, as a constant map: pxpo and ddpo see the same information."""
+    value = images.mean(dim=(1, 2, 3))
+    return value.view(-1, 1, 1).expand(-1, images.shape[2], images.shape[3]).clone()
+
+
+def fixed_prompt():
+    return PROMPT, {}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def make_trainer(model, output_dir, reward=blue_reward, prompt_fn=fixed_prompt, **overrides) -> PXPOTrainer:
+    return PXPOTrainer(tiny_config(model, output_dir, **overrides), reward, prompt_fn, load_pipeline(model))
+
+
+@pytest.mark.parametrize("algorithm", ["pxpo", "ddpo"])
+def test_end_to_end_run_is_on_policy_at_first_step(tiny_model, tmp_path, algorithm):
+    trainer = make_trainer(tiny_model, tmp_path / "run", algorithm=algorithm, num_epochs=2, num_eval_images=2,
+                           train_num_inner_epochs=2, log_images_every=1)
+    history = trainer.train()
+    trainer.close()
+    assert [m["epoch"] for m in history] == [0, 1]
+    assert history[-1]["samples_seen"] == 4 and trainer.global_step == 4  # 2 epochs x 2 inner epochs x 1 step
+    for m in history:
+        for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "seconds", "loss"):
+            assert isinstance(m[key], float) and m[key] == m[key], key
+    stats = trainer.last_train_stats  # 2 inner epochs x 3 timesteps of one minibatch, one optimiser step each
+    assert stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0  # the ratio is exactly 1 before any update
+    # the update lowers the surrogate loss on the same rollouts: the gradient's sign reaches the optimiser intact
+    assert sum(s["loss"] for s in stats[3:]) < sum(s["loss"] for s in stats[:3])
+    if algorithm == "ddpo":
+        assert trainer.config.clip_range == 1e-4
+    run = tmp_path / "run"
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "metrics.jsonl").read_text().count("\n") == 2
+    for name in ("samples_before.png", "samples_after.png", "reward_curve.png"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_constant_reward_maps_give_c_times_ddpo_gradient(tiny_model, tmp_path):
+    grads, advantages = {}, {}
+    for algorithm in ("pxpo", "ddpo"):
+        trainer = make_trainer(tiny_model, tmp_path / algorithm, reward=constant_map_reward, algorithm=algorithm)
+        rollouts = trainer.compute_advantages(trainer.sample_epoch())
+        batch = {k: rollouts[k] for k in ("embeds", "latents", "log_probs", "timesteps", "advantages", "weights")}
+        stats = trainer.backward_timestep(batch, torch.tensor([1, 1]))
+        assert stats["approx_kl"] == 0.0
+        grads[algorithm] = {n: p.grad.clone() for n, p in trainer._unwrapped_unet.named_parameters()
+                            if p.requires_grad and p.grad is not None}
+        advantages[algorithm] = rollouts["advantages"]
+        trainer.close()
+    torch.testing.assert_close(advantages["pxpo"], advantages["ddpo"].view(-1, 1, 1).expand_as(advantages["pxpo"]))
+    channels = 4
+    assert grads["pxpo"].keys() == grads["ddpo"].keys() and grads["pxpo"]
+    total = sum(g.abs().sum() for g in grads["ddpo"].values())
+    assert total > 0
+    for name, g in grads["pxpo"].items():
+        torch.testing.assert_close(g, channels * grads["ddpo"][name], rtol=1e-4, atol=1e-9 * total.item())
+
+
+def test_lora_loads_into_a_fresh_pipeline(tiny_model, tmp_path):
+    trainer = make_trainer(tiny_model, tmp_path / "run", train_learning_rate=3e-2, num_epochs=2)
+    trainer.train()
+    trainer.close()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        emb = trainer.pipeline.encode_prompt([PROMPT], "cpu", 1, False)[0]
+        trained = trainer._unwrapped_unet(x, t, encoder_hidden_states=emb).sample
+        fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        base = fresh.unet(x, t, encoder_hidden_states=emb).sample
+        fresh.load_lora_weights(str(tmp_path / "run"))
+        loaded = fresh.unet(x, t, encoder_hidden_states=emb).sample
+    assert (trained - base).abs().max() > 1e-4  # training moved the model
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_is_deterministic_and_seed_metadata_fixes_initial_noise(tiny_model, tmp_path):
+    trainer = make_trainer(tiny_model, tmp_path / "run", prompt_fn=lambda: (PROMPT, {"seed": 7}))
+    a = trainer.generate([PROMPT, "a blue star"], [3, 4])
+    assert torch.equal(a, trainer.generate([PROMPT, "a blue star"], [3, 4]))
+    b = trainer.generate(["a blue star"], [4])
+    assert a.shape == (2, 3, 16, 16) and 0 <= a.min() and a.max() <= 1
+    # an image does not depend on the rest of its batch (up to batch-size-dependent kernel rounding)
+    torch.testing.assert_close(a[1:], b, rtol=0, atol=1e-5)
+    rollouts = trainer.sample_epoch()
+    expected = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(rollouts["latents"][0, 0], expected[0]) and torch.equal(rollouts["latents"][1, 0], expected[0])
+    trainer.close()
+
+
+def test_full_fine_tuning_and_sf_loss(tiny_model, tmp_path):
+    trainer = make_trainer(tiny_model, tmp_path / "run", use_lora=False, loss_type="sf", train_timestep_fraction=0.5)
+    before = {n: p.detach().clone() for n, p in trainer._unwrapped_unet.named_parameters()}
+    metrics = trainer.train()[0]
+    trainer.close()
+    assert metrics["trained_timesteps"] == 1
+    moved = sum(not torch.equal(before[n], p) for n, p in trainer._unwrapped_unet.named_parameters())
+    assert moved > 0
+    assert (tmp_path / "run" / "unet" / "config.json").is_file()
+
+
+def test_deterministic_final_step_is_left_out(tmp_path):
+    model = build_tiny_pipeline(tmp_path / "model", set_alpha_to_one=True)
+    trainer = make_trainer(model, tmp_path / "run")
+    metrics = trainer.step(0)
+    trainer.close()
+    assert metrics["skipped_deterministic_steps"] == 1 and metrics["trained_timesteps"] == 2
+
+
+def test_reward_errors_name_the_function(tiny_model, tmp_path):
+    def bad_reward(images, prompts, metadata):
+        return torch.zeros(len(prompts), 5, 5)
+
+    trainer = make_trainer(tiny_model, tmp_path / "run", reward=bad_reward)
+    with pytest.raises(ValueError, match="bad_reward"):
+        trainer.step(0)
+    trainer.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"algorithm": "ppo"}, "algorithm"),
+    ({"sample_eta": 0.0}, "eta"),
+    ({"loss_type": "sf", "train_num_inner_epochs": 2}, "sf"),
+    ({"train_batch_size": 3}, "train_batch_size"),
+    ({"train_gradient_accumulation_steps": 2}, "accumulation"),
+])
+def test_config_errors_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config("unused", "unused", **overrides)
+
+
+def test_embedded_model_end_to_end(tmp_path):
+    embedded = pytest.importorskip("pxpo_ext.embedded", reason="pxpo_ext.embedded is not in this checkout")
+    if not (embedded.pipeline_path() / "model_index.json").is_file():
+        pytest.skip(f"the embedded model's weights are not at {embedded.pipeline_path()} yet")
+    pipe = embedded.load_pipeline()
+    config = tiny_config(None, tmp_path / "run", sample_num_steps=4)
+    trainer = PXPOTrainer(config, blue_reward, fixed_prompt, pipe)
+    metrics = trainer.train()[0]
+    trainer.close()
+    assert metrics["approx_kl"] >= 0 and trainer.last_train_stats[0]["approx_kl"] == 0.0
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
