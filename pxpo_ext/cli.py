@@ -366,6 +366,7 @@ def train_main(argv: Sequence[str] | None = None):
 
     from .rewards import available_rewards, get_reward
     from .trainer import PXPOConfig, PXPOTrainer, load_pipeline
+    from .trainer.trainer import cpu_distributed
     from .trainer.prompts import get_prompt_fn
 
     default = DEFAULT_TRAIN_CONFIG if DEFAULT_TRAIN_CONFIG.is_file() else None
@@ -383,7 +384,7 @@ def train_main(argv: Sequence[str] | None = None):
     except (TypeError, ValueError) as err:
         raise SystemExit(f"train.py: error: reward {config.reward!r} rejected --reward-kwargs "
                          f"{json.dumps(config.reward_kwargs)}: {err}") from None
-    state = PartialState()
+    state = PartialState(cpu=cpu_distributed())  # the same mode the trainer's Accelerator will ask for
     try:  # each process draws its own prompt stream, as the trainer's own default does
         prompt_fn = get_prompt_fn(config.prompts, seed=config.seed + state.process_index)
     except (ValueError, FileNotFoundError) as err:
@@ -393,15 +394,12 @@ def train_main(argv: Sequence[str] | None = None):
     if state.is_main_process:  # the resolved options, re-runnable with --config
         plots.atomic_write(Path(config.output_dir) / "config.yaml", config_to_yaml(config))
     trainer = PXPOTrainer(config, reward_fn, prompt_fn, pipeline)
-    # LoRA: <output_dir>/lora/pytorch_lora_weights.safetensors; full fine-tuning: <output_dir>/unet/.
-    weights_dir = Path(config.output_dir) / "lora" if config.use_lora else Path(config.output_dir)
     try:
-        trainer.train()
-        trainer.save_pretrained(weights_dir)
+        trainer.train()  # saves the final weights to trainer.weights_dir and prints the run summary
     finally:
         trainer.close()  # reward threads and tensorboard
     if state.is_main_process:
-        print(trainer.reporter.summary())
+        weights_dir = trainer.weights_dir
         if config.use_lora:
             print(f"LoRA weights: {weights_dir} (pipe.load_lora_weights({str(weights_dir)!r}), "
                   f"or: python python/sample.py --lora {weights_dir} --prompt ...)")

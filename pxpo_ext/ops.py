@@ -16,7 +16,7 @@ from . import _backend
 from .reference import GRANULARITIES, LOSS_TYPES, MEAN
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DEFAULT_CLIP_RANGE = 0.2  # per-pixel ratios; see docs/clip_range.md for how it was chosen
+DEFAULT_CLIP_RANGE = 0.02  # per-pixel ratios; docs/training.md says how it was measured and chosen
 DDPO_CLIP_RANGE = 1e-4  # DDPO's value for its mean-over-elements ratio
 
 

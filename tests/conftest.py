@@ -63,3 +63,11 @@ TOL = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Folder of a random-weight Stable-Diffusion-style pipeline (16x16 images), built once per test run."""
+    from tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))

@@ -5,16 +5,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from test_trainer import blue_reward, build_tiny_pipeline, tiny_config
+from test_trainer import blue_reward, tiny_config
 
 from pxpo_ext.trainer import PXPOTrainer, load_pipeline
 from pxpo_ext.trainer import checkpoint as ckpt
 from pxpo_ext.trainer.prompts import PromptSource
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_ckpt"))
 
 
 @pytest.fixture(autouse=True)

@@ -236,54 +236,6 @@ def test_the_scripts_call_the_entry_points(monkeypatch, capsys):
 # --- sample_main and train_main on a tiny Stable-Diffusion pipeline ----------------------------------------
 
 
-def _byte_vocab() -> dict[str, int]:
-    """A CLIP vocabulary of single bytes (GPT-2's byte-to-character table), so nothing is downloaded."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codes]
-    vocab = {c: i for i, c in enumerate(chars)}
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    """A randomly initialised Stable-Diffusion-style pipeline (16x16 images) saved to a folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
-    (folder / "tok").mkdir()
-    (folder / "tok" / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
-                              model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipe")
-    return str(folder / "pipe")
-
-
 def _trainer_available():
     try:
         from pxpo_ext.trainer import PXPOTrainer, load_pipeline  # noqa: F401
@@ -291,10 +243,10 @@ def _trainer_available():
         pytest.skip(f"pxpo_ext.trainer (written in parallel) is not importable yet: {err}")
 
 
-def test_sample_main_renders_a_grid_with_reward_heatmaps(tiny_sd, tmp_path, capsys):
+def test_sample_main_renders_a_grid_with_reward_heatmaps(tiny_model, tmp_path, capsys):
     _trainer_available()
     out = tmp_path / "grid.png"
-    argv = ["--model", tiny_sd, "--prompt", "a red circle", "--prompt", "a blue square", "--images-per-prompt", "2",
+    argv = ["--model", tiny_model, "--prompt", "a red circle", "--prompt", "a blue square", "--images-per-prompt", "2",
             "--num-steps", "2", "--seed", "5", "--batch-size", "3", "--reward", "colour", "--out", str(out)]
     images = cli.sample_main(argv)
     assert images.shape == (4, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
@@ -304,24 +256,24 @@ def test_sample_main_renders_a_grid_with_reward_heatmaps(tiny_sd, tmp_path, caps
     assert f"wrote {out} (4 images, 16x16)" in printed
     assert printed.count("reward ") == 4 and "seed 8  a blue square" in printed
     # Each image depends on its seed only, not on the batch it was rendered in.
-    again = cli.sample_main(["--model", tiny_sd, "--prompt", "a blue square", "--num-steps", "2", "--seed", "7",
+    again = cli.sample_main(["--model", tiny_model, "--prompt", "a blue square", "--num-steps", "2", "--seed", "7",
                              "--out", str(tmp_path / "one.png")])
     assert torch.allclose(again[0], images[2], atol=1e-5)
 
 
-def test_sample_main_defaults_reproduce_the_trainers_images_for_the_same_seeds(tiny_sd, tmp_path):
+def test_sample_main_defaults_reproduce_the_trainers_images_for_the_same_seeds(tiny_model, tmp_path):
     """sample.py's defaults are the training sampler's, so its grid shows what training showed."""
     _trainer_available()
     from pxpo_ext.trainer import PXPOConfig, PXPOTrainer, load_pipeline
 
-    config = PXPOConfig(model=tiny_sd, output_dir=str(tmp_path / "run"), sample_num_steps=3, sample_batch_size=2,
+    config = PXPOConfig(model=tiny_model, output_dir=str(tmp_path / "run"), sample_num_steps=3, sample_batch_size=2,
                         sample_num_batches_per_epoch=1, train_batch_size=2, use_tensorboard=False, num_eval_images=0)
-    trainer = PXPOTrainer(config, None, None, load_pipeline(tiny_sd))
+    trainer = PXPOTrainer(config, None, None, load_pipeline(tiny_model))
     try:
         expected = trainer.generate(["a red circle", "a blue square"], [3, 4])
     finally:
         trainer.close()
-    images = cli.sample_main(["--model", tiny_sd, "--prompt", "a red circle", "--prompt", "a blue square",
+    images = cli.sample_main(["--model", tiny_model, "--prompt", "a red circle", "--prompt", "a blue square",
                               "--seed", "3", "--num-steps", "3", "--out", str(tmp_path / "grid.png")])
     assert torch.allclose(images, expected, atol=1e-5)
 
@@ -363,11 +315,11 @@ def test_train_main_fails_fast_on_setup_errors(tmp_path, argv, message):
     assert not (tmp_path / "run").exists()  # nothing written before the setup is known to work
 
 
-def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_sd, tmp_path, capsys):
+def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_model, tmp_path, capsys):
     _trainer_available()
     run = tmp_path / "run"
     trainer = cli.train_main([
-        "--model", tiny_sd, "--output-dir", str(run), "--num-epochs", "1", "--sample-num-steps", "2",
+        "--model", tiny_model, "--output-dir", str(run), "--num-epochs", "1", "--sample-num-steps", "2",
         "--sample-batch-size", "2", "--sample-num-batches-per-epoch", "1", "--train-batch-size", "2",
         "--prompts", "text:a red circle", "--num-eval-images", "1", "--log-images-every", "1", "--save-freq", "0",
         "--reward-workers", "1", "--no-use-tensorboard", "--train-learning-rate", "0.05",
@@ -387,7 +339,7 @@ def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_sd, tm
     again = cli.parse_config(type(trainer.config), ["--config", str(run / "config.yaml")])
     assert again == trainer.config
 
-    common = ["--model", tiny_sd, "--prompt", "a red circle", "--num-steps", "2", "--seed", "0"]
+    common = ["--model", tiny_model, "--prompt", "a red circle", "--num-steps", "2", "--seed", "0"]
     base = cli.sample_main([*common, "--out", str(tmp_path / "base.png")])
     tuned = cli.sample_main([*common, "--lora", str(run / "lora"), "--out", str(tmp_path / "tuned.png")])
     assert not torch.allclose(base, tuned)  # stock pipe.load_lora_weights picked up the trained adapter

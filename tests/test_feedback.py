@@ -175,53 +175,6 @@ def test_a_failing_round_is_reported_and_the_next_can_run(served):
 
 
 # ------------------------------------------------------------------ the real trainer, a tiny model
-def _byte_vocab() -> dict:
-    """A byte-level CLIP vocabulary with no merges, so a tokenizer needs no download."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = list(printable) + [256 + i for i in range(256 - len(printable))]
-    chars = [chr(c) for c in codes]
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A randomly initialised Stable-Diffusion-style pipeline (16x16 images) saved to a folder."""
-    pytest.importorskip("pxpo_ext.trainer")
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
-    (folder / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipe")
-    return str(folder / "pipe")
-
-
 TINY_TRAINING = {"sample_batch_size": 2, "sample_num_steps": 2, "train_learning_rate": 3e-2, "use_tensorboard": False}
 
 

@@ -68,7 +68,7 @@ def _worker(model: str, out: str) -> None:
 
 
 def test_two_processes_average_lora_gradients(tmp_path):
-    from test_trainer import build_tiny_pipeline
+    from tiny_pipeline import build_tiny_pipeline
 
     model = build_tiny_pipeline(tmp_path / "model")
     out = tmp_path / "run"

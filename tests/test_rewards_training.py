@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-from test_feedback import tiny_model  # noqa: F401 - the fixture (a 16x16 random pipeline)
 
 REWARD_OPTIONS = {"remove_circles": {}, "scalar": {"function": "test_rewards:mean_brightness"}}
 

@@ -1,63 +1,17 @@
 """End-to-end tests of the PXPO/DDPO trainer on a tiny Stable-Diffusion pipeline built from configs.
 
-``build_tiny_pipeline`` (also used by the checkpoint and multi-process tests) saves a
-random-weight SD pipeline (8x8 latents, 16x16 images) to a folder, offline.
+The model is ``conftest.tiny_model``: a random-weight SD pipeline (8x8 latents, 16x16 images) built
+from configs by ``tiny_pipeline.build_tiny_pipeline``, offline.
 """
-import json
-import os
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import StableDiffusionPipeline
+from tiny_pipeline import build_tiny_pipeline
 
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer, load_pipeline
 
 PROMPT = "a red circle on a blue background"
-
-
-def _byte_chars() -> list[str]:
-    """CLIP's byte-to-character table: every byte gets a printable character."""
-    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in kept]
-    return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(extra))]
-
-
-def build_tiny_pipeline(folder, set_alpha_to_one: bool = False) -> str:
-    """A random-weight SD pipeline saved under ``folder/pipe`` (no download); returns its path."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-                                norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))
-    chars = _byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    os.makedirs(f"{folder}/tok", exist_ok=True)
-    with open(f"{folder}/tok/vocab.json", "w") as f:
-        json.dump(vocab, f)
-    with open(f"{folder}/tok/merges.txt", "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(f"{folder}/tok/vocab.json", f"{folder}/tok/merges.txt", model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=set_alpha_to_one, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(f"{folder}/pipe")
-    return f"{folder}/pipe"
 
 
 def tiny_config(model: str, output_dir, **overrides) -> PXPOConfig:
@@ -83,11 +37,6 @@ def constant_map_reward(images, prompts, metadata):
 
 def fixed_prompt():
     return PROMPT, {}
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +66,7 @@ def test_end_to_end_run_is_on_policy_at_first_step(tiny_model, tmp_path, algorit
     if algorithm == "ddpo":
         assert trainer.config.clip_range == 1e-4
     run = tmp_path / "run"
-    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
     for name in ("samples_before.png", "samples_after.png", "reward_curve.png"):
         assert (run / name).is_file(), name
@@ -156,7 +105,7 @@ def test_lora_loads_into_a_fresh_pipeline(tiny_model, tmp_path):
         trained = trainer._unwrapped_unet(x, t, encoder_hidden_states=emb).sample
         fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
         base = fresh.unet(x, t, encoder_hidden_states=emb).sample
-        fresh.load_lora_weights(str(tmp_path / "run"))
+        fresh.load_lora_weights(str(tmp_path / "run" / "lora"))
         loaded = fresh.unet(x, t, encoder_hidden_states=emb).sample
     assert (trained - base).abs().max() > 1e-4  # training moved the model
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
@@ -227,4 +176,4 @@ def test_embedded_model_end_to_end(tmp_path):
     metrics = trainer.train()[0]
     trainer.close()
     assert metrics["approx_kl"] >= 0 and trainer.last_train_stats[0]["approx_kl"] == 0.0
-    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -45,6 +45,12 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_distributed() -> bool:
+    """Several processes without a GPU (torchrun or ``accelerate launch --cpu``): accelerate needs ``cpu=True``
+    to pick its multi-CPU (gloo) mode, otherwise each process would train alone."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def load_pipeline(model: str | None = None, device="cpu", dtype: torch.dtype = torch.float32):
     """The embedded pipeline (``model=None``) or any Stable-Diffusion-style diffusers folder / hub id,
     with a DDIM scheduler, on ``device`` in ``dtype``."""
@@ -74,10 +80,7 @@ class PXPOTrainer:
     def __init__(self, config: PXPOConfig, reward_fn=None, prompt_fn=None, pipeline=None):
         self.config = config
         c = config
-        # Several processes without a GPU (torchrun or `accelerate launch --cpu`): accelerate needs cpu=True to
-        # pick its multi-CPU (gloo) mode, otherwise each process would train alone.
-        cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(mixed_precision=c.mixed_precision, cpu=cpu_distributed)
+        self.accelerator = Accelerator(mixed_precision=c.mixed_precision, cpu=cpu_distributed())
         acc = self.accelerator
         set_seed(c.seed, device_specific=True)
         if c.allow_tf32 and torch.cuda.is_available():
@@ -364,13 +367,19 @@ class PXPOTrainer:
         if history:
             self.save_checkpoint(Path(c.output_dir) / "checkpoints" / f"checkpoint-{self.epoch}")
             self._log_eval("after", self.epoch)
-            self.save_pretrained(c.output_dir)
+            self.save_pretrained(self.weights_dir)
             self.reporter.plot_curves()
             if acc.is_main_process:
                 print(self.reporter.summary())
         return history
 
     # ------------------------------------------------------------------ saving and resuming
+    @property
+    def weights_dir(self) -> Path:
+        """Where :meth:`train` leaves the final weights: ``<output_dir>/lora`` for LoRA, ``<output_dir>`` (its
+        ``unet/``) for full fine-tuning."""
+        return Path(self.config.output_dir) / "lora" if self.config.use_lora else Path(self.config.output_dir)
+
     def save_pretrained(self, folder) -> None:
         """The trained weights: LoRA as ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``),
         or the full UNet under ``folder/unet``. Call it on every process."""
