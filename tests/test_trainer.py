@@ -125,6 +125,16 @@ def test_generate_is_deterministic_and_seed_metadata_fixes_initial_noise(tiny_mo
     trainer.close()
 
 
+def test_same_trajectory_metadata_replays_the_generated_image(tiny_model, tmp_path):
+    """Feedback on one image must train on that image's trajectory: the rollout equals generate()'s image."""
+    meta = {"seed": 11, "same_trajectory": True}
+    trainer = make_trainer(tiny_model, tmp_path / "run", prompt_fn=lambda: (PROMPT, dict(meta)))
+    shown = trainer.generate([PROMPT], [11])
+    rollouts = trainer.sample_epoch()
+    torch.testing.assert_close(rollouts["images"], shown.expand_as(rollouts["images"]), rtol=0, atol=1e-5)
+    trainer.close()
+
+
 def test_full_fine_tuning_and_sf_loss(tiny_model, tmp_path):
     trainer = make_trainer(tiny_model, tmp_path / "run", use_lora=False, loss_type="sf", train_timestep_fraction=0.5)
     before = {n: p.detach().clone() for n, p in trainer._unwrapped_unet.named_parameters()}

@@ -2,7 +2,8 @@
 
 A round: the person's marks become the :class:`~pxpo_ext.rewards.human.HumanFeedbackReward`
 maps, the trainer runs ``epochs_per_round`` PXPO epochs on the prompt with metadata
-``{"seed": seed}`` (every sample starts from the seed's noise), then renders the image again.
+``{"seed": seed, "same_trajectory": True}`` (every sample is the shown image's own trajectory, so the marks
+score the actions they were given for), then renders the image again.
 The web server (:mod:`pxpo_ext.feedback.server`) and the PNG-mask route of
 ``python/feedback.py`` both drive this class.
 
@@ -191,7 +192,7 @@ def create_session(prompt: str, seed: int, model: str | None = None, pipeline=No
     config = PXPOConfig(model=model, reward="human", prompts=f"text:{prompt}", output_dir=str(output_dir),
                         seed=int(seed), **fields)
     reward_fn = HumanFeedbackReward()
-    metadata = {"seed": int(seed)}
+    metadata = {"seed": int(seed), "same_trajectory": True}  # train on the trajectory of the marked image
     trainer = PXPOTrainer(config, reward_fn, lambda: (prompt, dict(metadata)),
                           pipeline if pipeline is not None else load_pipeline(model))
     return FeedbackSession(trainer, reward_fn, prompt, seed, output_dir, epochs_per_round)

@@ -194,6 +194,26 @@ class PXPOTrainer:
         r_lat, w_lat = reward_to_latent(out.reward, self.latent_size, out.weight, source=self.reward_name)
         return out, r_lat, w_lat
 
+    def _sampling_noise(self, seeds: list[int | None], metadata: list[dict]):
+        """Initial latents and the step-noise generator(s) of one sampling batch.
+
+        ``metadata["seed"]`` fixes a sample's initial noise. With ``metadata["same_trajectory"]`` too, its step
+        noise also comes from that seed's generator, exactly as in :meth:`generate`: the sample is the image a
+        person saw, so feedback given on that image (the same marks for every sample) scores the very trajectory
+        it was given for. Without it, fixed marks would be independent of the sampled actions and their
+        expected gradient would be zero.
+        """
+        dev = self.accelerator.device
+        replay = [s is not None and bool(m.get("same_trajectory")) for s, m in zip(seeds, metadata)]
+        if not any(replay):
+            return initial_latents(self.latent_shape, seeds, self.generator, dev), self.generator
+        gens = [torch.Generator().manual_seed(int(s)) if r else
+                torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+                for s, r in zip(seeds, replay)]
+        rows = [initial_latents(self.latent_shape, [None] if r else [s], g if r else self.generator, dev)
+                for s, r, g in zip(seeds, replay, gens)]
+        return torch.cat(rows), gens
+
     def sample_epoch(self) -> dict:
         """Sample this process's rollouts; rewards run in worker threads while the next batch samples."""
         c = self.config
@@ -203,13 +223,13 @@ class PXPOTrainer:
             prompts = [p for p, _ in drawn]
             metadata = [dict(m or {}) for _, m in drawn]
             seeds = [m["seed"] if isinstance(m.get("seed"), int) else None for m in metadata]
-            x_t = initial_latents(self.latent_shape, seeds, self.generator, self.accelerator.device)
+            x_t, step_generator = self._sampling_noise(seeds, metadata)
             embeds = encode_prompts(self.pipeline, prompts, self.accelerator.device)
             with torch.no_grad(), self.accelerator.autocast():
                 latents, log_probs, timesteps, images = sample(
                     self._unwrapped_unet, self.pipeline.vae, self.scheduler, embeds, self.negative_embeds, x_t,
                     num_steps=c.sample_num_steps, eta=c.sample_eta, guidance_scale=c.sample_guidance_scale,
-                    granularity=c.logprob_granularity, generator=self.generator, dtype=self.weight_dtype)
+                    granularity=c.logprob_granularity, generator=step_generator, dtype=self.weight_dtype)
             futures.append(self.executor.submit(self.reward_fn, images, prompts, metadata))
             batches.append({"prompts": prompts, "metadata": metadata, "embeds": embeds, "latents": latents,
                                 "log_probs": log_probs, "timesteps": timesteps, "images": images})

@@ -1,0 +1,73 @@
+"""A scripted person for experiment 3: "make this region <colour>, leave the rest as it is".
+
+The person looks at every sample of a round and marks each pixel (SPEC §7.3: a reward map and a
+weight map): inside the region, the closer the pixel is to the wanted colour the more it is
+liked (:class:`~pxpo_ext.rewards.ColourReward` in target mode, ``-d / sqrt(3)``); outside it,
+the closer to the original image the more it is liked. Grading each sample is what makes the
+feedback informative: the same marks on every sample carry no expected gradient, because the
+samples' own log-likelihood gradients average to zero.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..judge import detect_objects, segment_colours
+from ..rewards import ColourReward, RewardOutput, check_images
+from ..scenes import COLOURS, parse_caption
+
+NAME = "scripted_person"
+
+
+class RegionColourPerson:
+    """Reward ``(B, H, W)`` with full weight: closeness to ``colour`` in ``region``, to ``original`` elsewhere."""
+
+    def __init__(self, region: torch.Tensor, colour: str, original: torch.Tensor, keep_outside: bool = True):
+        if region.dim() != 2 or tuple(original.shape[-2:]) != tuple(region.shape):
+            raise ValueError(f"the region {tuple(region.shape)} and the original image {tuple(original.shape)} "
+                             "must have the same height and width")
+        self.name = NAME
+        self.region = region.float()
+        self.original = original.float()
+        self.keep_outside = keep_outside
+        self.toward = ColourReward(mode="target", target=colour)
+
+    def __call__(self, images, prompts=None, metadata=None) -> RewardOutput:
+        check_images(images, self.name)
+        region = self.region.to(images.device)
+        inside = self.toward(images)
+        if not self.keep_outside:
+            return RewardOutput(inside, weight=region.expand_as(inside).clone())
+        keep = -(images - self.original.to(images.device)).norm(dim=1) / math.sqrt(3)
+        return RewardOutput(region * inside + (1 - region) * keep)
+
+
+def target_region(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]:
+    """The region a person would point at: the first object the caption names, where the judge finds it
+    (else any object the judge finds, else a centred square a third of the image wide), and how it was found."""
+    found = detect_objects(image)
+    wanted = [tuple(o) for o in parse_caption(caption)["objects"]]
+    for obj in found:
+        if (obj["colour"], obj["shape"]) in wanted:
+            return obj["mask"].float(), f"the {obj['colour']} {obj['shape']} the judge found"
+    if found:
+        obj = found[0]
+        return obj["mask"].float(), f"the {obj['colour']} {obj['shape']} the judge found (not the caption's object)"
+    height, width = image.shape[-2:]
+    region = torch.zeros(height, width)
+    region[height // 3:2 * height // 3, width // 3:2 * width // 3] = 1
+    return region, "a centred square (the judge found no object)"
+
+
+def colour_fraction(image: torch.Tensor, region: torch.Tensor, colour: str) -> float:
+    """Fraction of the region's pixels whose nearest palette colour (the judge's segmentation) is ``colour``."""
+    labels = torch.from_numpy(segment_colours(image))
+    inside = region > 0.5
+    return float((labels[inside] == list(COLOURS).index(colour)).float().mean())
+
+
+def outside_change(image: torch.Tensor, original: torch.Tensor, region: torch.Tensor) -> float:
+    """RMS pixel change (``[0, 1]`` units) outside the region."""
+    outside = region <= 0.5
+    return float((image - original).pow(2).mean(dim=0)[outside].mean().sqrt())

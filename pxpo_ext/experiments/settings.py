@@ -1,0 +1,36 @@
+"""Shared settings and command-line options of the ``python/experiment_*.py`` scripts.
+
+Every experiment trains with the same sampler and batch (16 images per epoch: 2 batches of 8,
+10 DDIM steps, eta 1, guidance 5) and otherwise the trainer's defaults, so results compare.
+``--quick`` shrinks everything to seconds for the smoke test (``tests/test_experiments.py``);
+its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+TRAIN_CONFIG = {"sample_batch_size": 8, "sample_num_batches_per_epoch": 2, "train_batch_size": 8,
+                "sample_num_steps": 10}
+QUICK_CONFIG = {"sample_batch_size": 2, "sample_num_batches_per_epoch": 1, "train_batch_size": 2,
+                "sample_num_steps": 3}
+FIGURES = "docs/figures"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, runs_dir: str) -> None:
+    parser.add_argument("--model", default=None,
+                        help="diffusers Stable-Diffusion-style folder; default: the embedded model")
+    parser.add_argument("--out", default=FIGURES, help="folder for the CSV, PNG and provenance files")
+    parser.add_argument("--runs-dir", default=runs_dir, help="folder for the training runs (metrics, LoRA weights)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per worker process where there are several)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny settings")
+
+
+def train_config(args, **overrides) -> dict:
+    """The PXPOConfig fields every run of the experiment shares."""
+    return {**(QUICK_CONFIG if args.quick else TRAIN_CONFIG), **overrides}
+
+
+def set_threads(args) -> None:
+    torch.set_num_threads(max(1, args.threads))

@@ -1,0 +1,168 @@
+"""The experiment library (curves, measures, the scripted person, CSV) and a smoke run of every
+``python/experiment_*.py`` with ``--quick`` on a tiny random pipeline built from configs."""
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pxpo_ext.experiments import curves, figures, person
+from pxpo_ext.experiments.evaluation import (
+    circles_by_judge,
+    diversity,
+    eval_set,
+    mean_rewards,
+    min_circle_pixels,
+)
+from pxpo_ext.experiments.runs import CyclingPrompts
+from pxpo_ext.rewards import RewardOutput
+from pxpo_ext.scenes import COLOURS, SceneGenerator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- curves
+def test_queries_to_reach_interpolates_between_epochs():
+    assert curves.queries_to_reach([16, 32, 48], [-0.5, -0.3, -0.1], -0.2) == pytest.approx(40.0)
+    assert curves.queries_to_reach([16, 32], [-0.1, -0.3], -0.2) == 16.0  # already there at the first point
+    assert math.isnan(curves.queries_to_reach([16, 32], [-0.5, -0.4], -0.2))
+
+
+def test_stack_curves_refuses_different_query_schedules():
+    queries, rewards = curves.stack_curves([[16, 32], [16, 32]], [[0.0, 1.0], [2.0, 3.0]])
+    assert queries.tolist() == [16, 32] and rewards.shape == (2, 2)
+    with pytest.raises(ValueError, match="different schedules"):
+        curves.stack_curves([[16, 32], [8, 16]], [[0.0, 1.0], [2.0, 3.0]])
+
+
+def test_summary_smoothing_final_reward_and_choice():
+    stats = curves.summarise(np.array([[0.0, 2.0], [2.0, 4.0]]))
+    assert stats["mean"].tolist() == [1.0, 3.0] and stats["std"] == pytest.approx([math.sqrt(2)] * 2)
+    assert curves.summarise(np.array([[1.0, 2.0]]))["std"].tolist() == [0.0, 0.0]
+    assert curves.smooth([1.0, 3.0, 5.0]).tolist() == [1.0, 2.0, 4.0]
+    assert curves.final_reward([0.0, 1.0, 3.0]) == 2.0
+    assert curves.best_setting({3e-4: -0.2, 1e-3: -0.1, 3e-3: -0.1}) == 1e-3  # ties go to the first listed
+
+
+def test_cycling_prompts_repeat_in_order_with_fixed_noise_and_resume():
+    source = CyclingPrompts(["a", "b", "c"], noise_seed=100)
+    assert [source() for _ in range(4)] == [("a", {"seed": 100}), ("b", {"seed": 101}), ("c", {"seed": 102}),
+                                            ("a", {"seed": 100})]
+    again = CyclingPrompts(["a", "b", "c"], noise_seed=100)
+    again.load_state_dict(source.state_dict())
+    assert again() == source() == ("b", {"seed": 101})
+    assert CyclingPrompts(["a"])() == ("a", {})
+
+
+# ---------------------------------------------------------------- measures
+def test_diversity_is_zero_for_identical_seeds_and_positive_across_prompts():
+    red = torch.zeros(3, 8, 8)
+    red[0] = 1
+    images = torch.stack([red, red, 1 - red, 1 - red])
+    prompts, _ = eval_set(["p", "q"], 2)
+    out = diversity(images, prompts)
+    assert out["within_prompt_rms"] == 0.0 and out["across_prompt_rms"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two or more"):
+        diversity(images[:2], ["p", "q"])
+
+
+def test_judge_finds_circles_only_where_the_generator_drew_one():
+    gen = SceneGenerator(image_size=64, seed=0, max_objects=1, two_tone=False)
+    scenes = [gen.sample(i) for i in range(40)]
+    with_circle = next(s for s in scenes if s.objects[0]["shape"] == "circle")
+    without = next(s for s in scenes if s.objects[0]["shape"] != "circle")
+    assert circles_by_judge(torch.stack([with_circle.image, without.image])) == [True, False]
+    assert with_circle.objects[0]["mask"].sum() > min_circle_pixels(64, 64)
+
+
+def test_mean_rewards_respects_the_weight_map():
+    images = torch.full((2, 3, 4, 4), 0.5)
+
+    def reward(images, prompts, metadata):
+        r = torch.zeros(2, 4, 4)
+        r[:, :2] = 1.0
+        w = torch.zeros(2, 4, 4)
+        w[0, :2] = 1.0  # image 0: feedback only where the reward is 1
+        w[1] = 1.0
+        return RewardOutput(r, weight=w)
+
+    assert mean_rewards(reward, images, ["p", "p"], [0, 1]) == pytest.approx([1.0, 0.5])
+
+
+def test_scripted_person_prefers_red_in_the_region_and_the_original_outside():
+    original = torch.zeros(3, 8, 8)
+    original[2] = 1.0  # all blue
+    region = torch.zeros(8, 8)
+    region[2:6, 2:6] = 1
+    edited = original.clone()
+    edited[:, 2:6, 2:6] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    out = person.RegionColourPerson(region, "red", original)(torch.stack([original, edited]))
+    assert out.weight is None
+    assert out.reward[1, 3, 3] > out.reward[0, 3, 3]  # red where asked scores higher
+    assert out.reward[0, 0, 0] == out.reward[1, 0, 0] == 0.0  # untouched outside: the best score
+    palette_red = torch.tensor(COLOURS["red"], dtype=torch.float32).view(3, 1, 1) / 255
+    painted = original.clone()
+    painted[:, 2:6, 2:6] = palette_red
+    assert person.colour_fraction(painted, region, "red") == 1.0
+    assert person.colour_fraction(original, region, "red") == 0.0
+    assert person.outside_change(painted, original, region) == 0.0
+
+
+def test_write_csv_unions_the_columns(tmp_path):
+    path = figures.write_csv(tmp_path / "x.csv", [{"a": 1, "b": 0.5}, {"a": 2, "c": float("nan")}])
+    rows = list(csv.DictReader(path.open()))
+    assert rows == [{"a": "1", "b": "0.5", "c": ""}, {"a": "2", "b": "", "c": ""}]
+
+
+# ---------------------------------------------------------------- the scripts, --quick
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "python" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name, tiny_model, tmp_path, *extra):
+    out = tmp_path / "figures"
+    record = load_script(name).main(["--quick", "--model", tiny_model, "--out", str(out),
+                                     "--runs-dir", str(tmp_path / "runs"), "--threads", "1", *extra])
+    provenance = json.loads(next(out.glob("*_provenance.json")).read_text())
+    assert provenance["wall_seconds"] > 0 and "--quick" in provenance["command"] and provenance["machine"]
+    return record, out
+
+
+def test_sample_efficiency_quick(tiny_model, tmp_path):
+    record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1")
+    runs = list(csv.DictReader((out / "sample_efficiency_runs.csv").open()))
+    # 2 learning rates x 2 methods at seed 0, then seed 1 for each method (seed 0 reused), 2 epochs each
+    assert len(runs) == (2 * 2 + 2) * 2
+    assert {r["method"] for r in runs} == {"pxpo", "ddpo"}
+    assert set(record["chosen_lr"]) == {"pxpo", "ddpo"} and record["budget"] == 4.0
+    assert (out / "sample_efficiency.png").stat().st_size > 0 and (out / "sample_efficiency_lr_grid.png").exists()
+
+
+@pytest.mark.parametrize("name", ["experiment_colour", "experiment_segmentation"])
+def test_before_after_experiments_quick(tiny_model, tmp_path, name):
+    record, out = run_quick(name, tiny_model, tmp_path)
+    results = record["results"]
+    assert [r["model"].split()[0] for r in results] == ["initial", "pxpo"]
+    assert all(0.0 <= r["fidelity_background"] <= 1.0 and r["diversity_within_prompt_rms"] >= 0 for r in results)
+    prefix = name.split("_")[1]
+    assert (out / f"{prefix}_grid.png").exists() and (out / f"{prefix}_results.csv").exists()
+
+
+def test_person_experiment_quick(tiny_model, tmp_path):
+    record, out = run_quick("experiment_person", tiny_model, tmp_path)
+    rounds = record["rounds"]
+    assert [r["round"] for r in rounds][:2] == [0, 1] and len(rounds) <= 3
+    assert all(0.0 <= r["colour_fraction"] <= 1.0 for r in rounds)
+    assert (out / "person_rounds.png").exists()
