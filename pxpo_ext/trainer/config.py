@@ -16,18 +16,20 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, choices: tuple = (), **kwargs):
+    metadata = {"help": text, "choices": choices} if choices else {"help": text}
+    return field(metadata=metadata, **kwargs)
 
 
 @dataclass
 class PXPOConfig:
     # What is trained, on what, towards what.
-    algorithm: str = _help("'pxpo' (per-pixel rewards and ratios) or 'ddpo' (one scalar per image)", default="pxpo")
+    algorithm: str = _help("'pxpo' (per-pixel rewards and ratios) or 'ddpo' (one scalar per image)", default="pxpo",
+                           choices=ALGORITHMS)
     loss_type: str = _help("'ppo' (clipped ratio, several steps per rollout) or 'sf' (score function, one step)",
-                           default="ppo")
+                           default="ppo", choices=LOSS_TYPES)
     granularity: str = _help("pxpo log-prob unit: 'pixel' (sum over latent channels) or 'element' (one per channel)",
-                             default="pixel")
+                             default="pixel", choices=GRANULARITIES)
     model: str | None = _help("diffusers Stable-Diffusion-style folder or hub id; None = the embedded model",
                               default=None)
     resolution: int | None = _help("image side in pixels; None = the model's native size", default=None)
@@ -54,7 +56,8 @@ class PXPOConfig:
     train_adam_beta2: float = _help("AdamW beta2", default=0.999)
     train_adam_weight_decay: float = _help("AdamW weight decay", default=1e-4)
     train_adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
-    train_lr_scheduler: str = _help(f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}", default="constant")
+    train_lr_scheduler: str = _help(f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}", default="constant",
+                                    choices=LR_SCHEDULERS)
     train_lr_warmup_steps: int = _help("warm-up optimiser steps of the schedule", default=0)
     train_gradient_accumulation_steps: int = _help("minibatches per optimiser step (timesteps always accumulate)",
                                                    default=1)
@@ -73,13 +76,14 @@ class PXPOConfig:
     stat_buffer_size: int = _help("past rewards kept per prompt", default=16)
     stat_min_count: int = _help("below this many buffered rewards a prompt uses batch statistics", default=16)
     advantage_baseline: str = _help("'group': one mean over the group's weighted pixels; "
-                                    "'location': one mean per latent pixel", default="group")
+                                    "'location': one mean per latent pixel", default="group", choices=BASELINES)
 
     # Model and devices.
     use_lora: bool = _help("train LoRA adapters on the UNet attention (False: full fine-tuning)", default=True)
     lora_rank: int = _help("LoRA rank", default=4)
     lora_alpha: float | None = _help("LoRA alpha; None = the rank (scale 1)", default=None)
-    mixed_precision: str = _help("'no', 'fp16' or 'bf16' for the frozen model; log-probs stay float32", default="no")
+    mixed_precision: str = _help("'no', 'fp16' or 'bf16' for the frozen model; log-probs stay float32", default="no",
+                                 choices=MIXED_PRECISION)
     allow_tf32: bool = _help("allow TF32 matmuls on Ampere or newer GPUs", default=True)
 
     # Output.
