@@ -88,9 +88,7 @@ def main(argv=None):
     record.add(seeds={"training": args.seed, "evaluation": list(range(args.eval_seeds))}, epochs=args.epochs,
                lr=args.lr, eval_captions=captions, results=rows)
     record.write(out)
-    for row in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    print(f"wall time {record.record['wall_seconds']} s; files in {out}")
+    record.print_results(out, rows)
     return record.record
 
 

@@ -146,7 +146,7 @@ def main(argv=None):
     else:
         print("DDPO ended below its initial reward: no query ratio is reported (it would only measure that "
               "DDPO did not learn within this budget); compare the final and held-out rewards instead")
-    print(f"wall time {record.record['wall_seconds']} s; files in {out}")
+    record.print_results(out)
     return record.record
 
 

@@ -103,9 +103,7 @@ def main(argv=None):
                lr=args.lr, captions=len(captions), results=rows)
     record.write(out)
     print(f"pxpo: training reward {result.rewards[0]:.4f} -> {result.rewards[-1]:.4f}, {result.seconds:.0f} s")
-    for row in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    print(f"wall time {record.record['wall_seconds']} s; files in {out}")
+    record.print_results(out, rows)
     return record.record
 
 

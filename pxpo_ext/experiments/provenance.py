@@ -68,3 +68,9 @@ class Provenance:
         self.record["wall_seconds"] = round(time.time() - self.started, 1)
         text = json.dumps(self.record, indent=2, sort_keys=False, default=str) + "\n"
         return atomic_write(Path(folder) / f"{self.experiment}_provenance.json", text)
+
+    def print_results(self, folder, rows=()) -> None:
+        """Print result rows (floats rounded) and the wall time recorded by :meth:`write`."""
+        for row in rows:
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+        print(f"wall time {self.record['wall_seconds']} s; files in {folder}")
