@@ -149,6 +149,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backends", nargs="+", default=None, help="backends to time (default: all that run here)")
     p.add_argument("--out", default="benchmarks/results/ops.csv")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds each timing spends (5 medians of a fifth)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     device = args.device
@@ -164,7 +165,7 @@ def main():
                 for backend in (backends if provider.startswith("pxpo") else [None]):
                     with pxpo_ext.use_backend(backend):
                         try:
-                            us = wall_us(fn, device)
+                            us = wall_us(fn, device, min_time=args.min_time)
                         except Exception as e:  # a provider that cannot run here (e.g. inductor without a compiler)
                             print(f"  {op} {provider} {backend}: skipped ({type(e).__name__}: {str(e)[:120]})")
                             continue

@@ -34,11 +34,24 @@ def _timesteps(scheduler, timestep, batch: int, device: torch.device) -> torch.T
     return t.to(device=device, dtype=torch.long)
 
 
+def _schedule_tables(scheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alphas_cumprod`` and the final alpha as float32 tensors on ``device``, cached on the scheduler.
+
+    Copying them from the host at every step would make each step wait for the GPU (a pageable
+    host-to-device copy synchronises), so a sampling or training loop would never run ahead.
+    """
+    key = (device, scheduler.alphas_cumprod.data_ptr(), float(scheduler.final_alpha_cumprod))
+    cache = scheduler.__dict__.setdefault("_pxpo_tables", {})
+    if key not in cache:
+        cache[key] = (scheduler.alphas_cumprod.to(device=device, dtype=torch.float32),
+                      torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1).to(device))
+    return cache[key]
+
+
 def _alphas(scheduler, t: torch.Tensor):
     """``(a_t, a_s)`` for timesteps ``t`` on ``t``'s device, float32, as diffusers picks them."""
-    acp = scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)
+    acp, final = _schedule_tables(scheduler, t.device)
     prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=t.device)
     a_t = acp[t]
     a_s = torch.where(prev >= 0, acp[prev.clamp(min=0)], final)
     return a_t, a_s
@@ -91,12 +104,13 @@ def ddim_mean_and_std(scheduler, model_output: torch.Tensor, timestep, sample: t
 
 def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 1.0,
                            prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                           granularity: str = "pixel") -> DDIMStepOutput:
+                           granularity: str = "pixel", variance_noise: torch.Tensor | None = None) -> DDIMStepOutput:
     """A DDIM step that also returns the log-probability of its sample (SPEC §1-2).
 
-    ``timestep``: an int or one per sample. Without ``prev_sample`` a sample is drawn with
-    ``generator``; with it, its log-probability under the step's Gaussian is returned (the
-    training case). ``granularity``: ``"element"`` (B, C, h, w), ``"pixel"`` (B, h, w) or
+    ``timestep``: an int or one per sample. Without ``prev_sample`` a sample is drawn:
+    ``mean + std * variance_noise`` where given (as in ``DDIMScheduler.step``), else with noise
+    from ``generator``; with ``prev_sample``, its log-probability under the step's Gaussian is
+    returned (the training case). ``granularity``: ``"element"`` (B, C, h, w), ``"pixel"`` (B, h, w) or
     ``"mean"`` (B,). A step with sigma = 0 (eta = 0, or a final step whose alpha_prev is 1)
     has no density and raises ``ValueError``.
     """
@@ -112,8 +126,15 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
                 f"timestep(s) {sorted(set(t.tolist()))} are deterministic (sigma = 0, the scheduler's final "
                 "alpha is 1): they have no log-probability; leave them out of training"
             )
+    if prev_sample is not None and variance_noise is not None:
+        raise ValueError("pass prev_sample (score a given sample) or variance_noise (draw one), not both")
     if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        if variance_noise is None:
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        elif variance_noise.shape != mean.shape:
+            raise ValueError(f"variance_noise {tuple(variance_noise.shape)} does not match the latents {tuple(mean.shape)}")
+        else:
+            noise = variance_noise.float()
         prev_sample = mean.detach() + std.view(-1, *([1] * (mean.dim() - 1))) * noise
     else:
         if prev_sample.shape != mean.shape:

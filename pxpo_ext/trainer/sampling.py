@@ -51,6 +51,24 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return (vae.decode(x, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
 
+def step_noise(shape, num_steps: int, generator, device) -> torch.Tensor:
+    """The noise of ``num_steps`` sampling steps, ``(num_steps, *shape)``, on ``device``.
+
+    Drawn up front from ``generator`` (one, or one per sample), exactly as step-by-step
+    ``randn_tensor`` draws would be, then copied once: a host-to-device copy per step would
+    make every step wait for the GPU.
+    """
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    source = torch.device(device) if generator is None else (
+        generator[0] if isinstance(generator, list) else generator).device
+    noise = torch.stack([randn_tensor(shape, generator=generator, device=source) for _ in range(num_steps)]) \
+        if num_steps else torch.empty((0, *shape))
+    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
+        noise = noise.pin_memory()
+    return noise.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def sample(unet, vae, scheduler, embeds, negative_embeds, latents, *, num_steps: int, eta: float,
            guidance_scale: float, granularity: str, generator, dtype=torch.float32):
@@ -62,13 +80,15 @@ def sample(unet, vae, scheduler, embeds, negative_embeds, latents, *, num_steps:
     scheduler.set_timesteps(num_steps, device=latents.device)
     stochastic = trainable_steps(scheduler, eta)
     scale = guidance_scale if guidance_scale != 1.0 else None
+    noises = iter(step_noise(latents.shape, int(stochastic.sum()), generator, latents.device))
     all_latents, all_logps = [latents], []
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         noise = guided_noise(unet, x.to(dtype), t, embeds, negative_embeds, scale)
         if stochastic[i]:
-            step = ddim_step_with_logprob(scheduler, noise, t.cpu(), x, eta=eta, generator=generator,
-                                          granularity=granularity)
+            # t stays on the device and stochastic[i] is known on the host: the step needs no sync.
+            step = ddim_step_with_logprob(scheduler, noise, t, x, eta=eta, granularity=granularity,
+                                          variance_noise=next(noises))
             x = step.prev_sample
             all_logps.append(step.log_prob)
         else:  # no density: take the mean, store no log-prob (filled with zeros below, never trained on)

@@ -299,7 +299,8 @@ class PXPOTrainer:
         # (mean * grad).sum() has gradient ``grad`` in ``mean``: the fused kernel's gradient enters autograd
         # through accelerate, which scales it for fp16 and divides it over the accumulation steps.
         self.accelerator.backward((mean * grad).sum())
-        return {"loss": loss.item(), "approx_kl": stats["approx_kl"].item(), "clipfrac": stats["clipfrac"].item()}
+        # 0-dim tensors, read once per epoch: a .item() per micro-step would make the host wait for the GPU.
+        return {"loss": loss.detach(), "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"]}
 
     def _train_inner_epoch(self, rollouts: dict, progress=None) -> list[dict]:
         c, acc = self.config, self.accelerator
@@ -320,7 +321,7 @@ class PXPOTrainer:
                     s = self.backward_timestep(mb, step_indices[start:start + c.train_batch_size, j])
                     if acc.sync_gradients:
                         if c.train_max_grad_norm > 0:
-                            s["grad_norm"] = float(acc.clip_grad_norm_(self.params, c.train_max_grad_norm))
+                            s["grad_norm"] = acc.clip_grad_norm_(self.params, c.train_max_grad_norm)
                         self.optimizer.step()
                         self.lr_scheduler.step()
                         self.optimizer.zero_grad()
@@ -340,15 +341,15 @@ class PXPOTrainer:
                   disable=not acc.is_local_main_process) as bar:
             stats = [s for _ in range(c.train_num_inner_epochs) for s in self._train_inner_epoch(rollouts, bar)]
         self.last_train_stats = stats
-        local = torch.tensor([[s["loss"], s["approx_kl"], s["clipfrac"]] for s in stats], device=acc.device).mean(0)
-        loss, kl, clipfrac = acc.reduce(local, reduction="mean").tolist()
+        local = torch.stack([torch.stack([s["loss"], s["approx_kl"], s["clipfrac"]]).float() for s in stats]).mean(0)
+        loss, kl, clipfrac = acc.reduce(local.to(acc.device), reduction="mean").tolist()
         norms = [s["grad_norm"] for s in stats if "grad_norm" in s]
         self.samples_seen += self.samples_per_epoch * acc.num_processes
         self.epoch = epoch + 1
         metrics = {
             "epoch": epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
             **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
-            "grad_norm": sum(norms) / len(norms) if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
+            "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
             "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample,
             "skipped_deterministic_steps": self.skipped_steps, **self.tracker.stats(),
             "seconds": time.time() - t0,

@@ -1,0 +1,323 @@
+"""Trainer benchmarks at Stable Diffusion 1.5 scale: SD-1.5's UNet, VAE and text-encoder configs with random
+weights, built in memory (timing does not depend on the weights; nothing is downloaded).
+
+Three measurements, each writing long-format CSV rows (bench, algorithm, precision, batch, resolution, steps,
+metric, value, unit) with the device, versions and date:
+
+- ``microstep``: one training micro-step (UNet forward with classifier-free guidance, the fused loss, backward)
+  for pxpo and ddpo on the same trainer and batch: median milliseconds over ``--reps``, and pxpo's extra cost.
+- ``epoch``: whole epochs (sampling with guidance, rewards, advantages, training on every timestep) at the
+  settings of ``shared/anchors/trl_ddpo_throughput.py`` (50 steps, 2 x 8 samples, train batch 4, LoRA rank 4,
+  fp16): seconds per epoch, samples per second (best epoch after the first) and peak GPU memory.
+- ``scaling``: micro-step and sampling-step time and peak memory over batch size and image size.
+
+    python benchmarks/bench_trainer.py --out benchmarks/results/trainer_h100.csv
+    python benchmarks/bench_trainer.py --tiny --out /tmp/trainer_cpu.csv       # a CPU smoke run, tiny models
+    python benchmarks/bench_trainer.py --plot benchmarks/results/trainer_h100.csv --figure docs/figures/scaling.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import diffusers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from pxpo_ext import embedded  # noqa: E402
+from pxpo_ext.trainer import PXPOConfig, PXPOTrainer  # noqa: E402
+from pxpo_ext.trainer.sampling import sample  # noqa: E402
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_pipeline(tiny: bool, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """SD-1.5's architecture (or a tiny one) with random weights, initialised on ``device``."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        if tiny:
+            unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+                                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+            vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                                norm_num_groups=32)
+            text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=1000, max_position_embeddings=77)
+        else:  # the configs of runwayml/stable-diffusion-v1-5
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                        block_out_channels=(320, 640, 1280, 1280))
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                                sample_size=512, scaling_factor=0.18215)
+            text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, vocab_size=49408, max_position_embeddings=77)
+        text_encoder = CLIPTextModel(text)
+    # Any CLIP tokenizer does for timing; SD's 77 positions keep the cross-attention at SD's size.
+    tokenizer = CLIPTokenizer.from_pretrained(embedded.pipeline_path() / "tokenizer", model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def brightness_map(images, prompts, metadata):
+    """A per-pixel reward (ddpo averages it to one scalar per image, as TRL's anchor reward is)."""
+    return images.float().mean(dim=1)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Recorder:
+    """Long-format CSV rows with the machine and versions; prints each row as it comes."""
+
+    def __init__(self, path: str, device: str):
+        self.path, self.device = path, device
+        self.machine = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+    def __call__(self, bench: str, metric: str, value: float, unit: str, **setting) -> None:
+        row = dict(date=dt.date.today().isoformat(), device=self.machine, torch=torch.__version__,
+                   diffusers=diffusers.__version__, bench=bench, algorithm=setting.get("algorithm", ""),
+                   precision=setting.get("precision", ""), batch=setting.get("batch", ""),
+                   resolution=setting.get("resolution", ""), steps=setting.get("steps", ""), metric=metric,
+                   value=round(value, 4), unit=unit)
+        print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("date", "device", "torch", "diffusers")),
+              flush=True)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def make_trainer(pipe, device: str, **overrides) -> PXPOTrainer:
+    settings = dict(sample_num_steps=50, sample_batch_size=8, sample_num_batches_per_epoch=2, train_batch_size=4,
+                    mixed_precision="fp16", num_eval_images=0, log_images_every=0, save_freq=0, use_tensorboard=False,
+                    per_prompt_stat_tracking=False, prompts="text:a photo of a cat",
+                    output_dir=tempfile.mkdtemp(prefix="pxpo-bench-"))
+    settings.update(overrides)
+    return PXPOTrainer(PXPOConfig(**settings), reward_fn=brightness_map, pipeline=pipe)
+
+
+def synthetic_batch(trainer: PXPOTrainer, batch: int, num_steps: int) -> dict:
+    """A training minibatch shaped like rollouts (values do not change the work done)."""
+    dev = trainer.accelerator.device
+    c, h, w = trainer.latent_shape
+    embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+    timesteps = trainer.scheduler.timesteps.to(dev).long().unsqueeze(0).expand(batch, -1).contiguous()
+    gran = trainer.config.logprob_granularity
+    logp_shape = {"mean": (batch, num_steps), "pixel": (batch, num_steps, h, w)}.get(gran, (batch, num_steps, c, h, w))
+    adv_shape = (batch,) if gran == "mean" else (batch, h, w)
+    return {"embeds": embeds, "latents": torch.randn(batch, num_steps + 1, c, h, w, device=dev),
+            "log_probs": torch.zeros(logp_shape, device=dev), "timesteps": timesteps,
+            "advantages": torch.randn(adv_shape, device=dev),
+            "weights": None if gran == "mean" else torch.ones(batch, h, w, device=dev)}
+
+
+def time_microstep(trainer: PXPOTrainer, batch: int, reps: int, device: str) -> float:
+    """Median milliseconds of one micro-step (forward, loss, backward), gradients cleared between steps."""
+    steps = len(trainer.scheduler.timesteps)
+    data = synthetic_batch(trainer, batch, steps)
+    index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
+    times = []
+    for i in range(reps + 2):  # two warm-up steps
+        sync(device)
+        t0 = time.perf_counter()
+        trainer.backward_timestep(data, index)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return 1e3 * statistics.median(times)
+
+
+def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
+    """pxpo and ddpo on one trainer: only the log-prob unit and the loss differ between them."""
+    results = {}
+    precision = trainer.config.mixed_precision
+    for algorithm in ("ddpo", "pxpo", "ddpo", "pxpo"):  # interleaved, so drift hits both alike
+        trainer.config.algorithm = algorithm  # backward_timestep reads granularity and clip range from it
+        ms = time_microstep(trainer, args.train_batch, args.reps, args.device)
+        results.setdefault(algorithm, []).append(ms)
+    trainer.config.algorithm = "pxpo"
+    for algorithm, values in results.items():
+        record("microstep", "ms_per_microstep", min(values), "ms", algorithm=algorithm, precision=precision,
+               batch=args.train_batch, resolution=trainer.image_size)
+    overhead = 100 * (min(results["pxpo"]) / min(results["ddpo"]) - 1)
+    record("microstep", "pxpo_extra_cost", overhead, "%", algorithm="pxpo", precision=precision,
+           batch=args.train_batch, resolution=trainer.image_size)
+
+
+def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str) -> None:
+    c = trainer.config
+    setting = dict(algorithm=c.algorithm, precision=c.mixed_precision, batch=c.sample_batch_size,
+                   resolution=trainer.image_size, steps=c.sample_num_steps)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for epoch in range(epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        trainer.step(epoch)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        record("epoch", "epoch_s", times[-1], "s", **setting)
+    best = min(times[1:]) if len(times) > 1 else times[0]
+    record("epoch", "samples_per_s", trainer.samples_per_epoch / best, "samples/s", **setting)
+    if device == "cuda":
+        record("epoch", "peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
+
+
+def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:
+    """Micro-step time and memory over train batch and image size; sampling-step time over sample batch."""
+    precision = trainer.config.mixed_precision
+    unet, dev = trainer.unet, trainer.accelerator.device
+    base, factor = trainer.latent_size, trainer.image_size // trainer.latent_size
+    for latent, batches in ((base, args.scaling_batches),
+                            *((side // factor, [args.train_batch]) for side in args.scaling_sizes)):
+        trainer.latent_size, trainer.image_size = latent, latent * factor
+        trainer.latent_shape = (trainer.latent_shape[0], latent, latent)
+        for batch in batches:
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            ms = time_microstep(trainer, batch, max(3, args.reps // 2), args.device)
+            setting = dict(algorithm="pxpo", precision=precision, batch=batch, resolution=latent * factor)
+            record("scaling", "ms_per_microstep", ms, "ms", **setting)
+            if args.device == "cuda":
+                record("scaling", "microstep_peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
+    trainer.latent_size, trainer.image_size = base, base * factor
+    trainer.latent_shape = (trainer.latent_shape[0], base, base)
+    steps = 5
+    for batch in args.scaling_batches:
+        x = torch.randn(batch, *trainer.latent_shape, device=dev)
+        embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(3):
+            sync(args.device)
+            t0 = time.perf_counter()
+            with trainer.accelerator.autocast():
+                sample(unet, trainer.pipeline.vae, trainer.scheduler, embeds, trainer.negative_embeds, x,
+                       num_steps=steps, eta=1.0, guidance_scale=5.0, granularity="pixel",
+                       generator=torch.Generator().manual_seed(0), dtype=trainer.weight_dtype)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        setting = dict(algorithm="pxpo", precision=precision, batch=batch, resolution=base * factor, steps=steps)
+        record("scaling", "ms_per_sampling_step", 1e3 * min(times[1:]) / steps, "ms", **setting)
+        if args.device == "cuda":
+            record("scaling", "sampling_peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
+
+
+def plot(csv_path: str, figure: str) -> None:
+    """Scaling rows of ``csv_path`` as a figure: time and memory against batch size and image size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["bench"] == "scaling"]
+    if not rows:
+        raise SystemExit(f"{csv_path} holds no scaling rows")
+    base = max(int(r["resolution"]) for r in rows if r["metric"] == "ms_per_sampling_step")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = [("ms_per_microstep", "training micro-step"), ("ms_per_sampling_step", "sampling step")]
+    for metric, label in series:
+        pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
+                     if r["metric"] == metric and int(r["resolution"]) == base)
+        axes[0].plot(*zip(*pts), "o-", label=label)
+    axes[0].set(xlabel="batch", ylabel="ms", title=f"time vs batch ({base} px)", xscale="log", yscale="log")
+    axes[0].legend()
+    for metric, label in (("microstep_peak_memory", "training micro-step"), ("sampling_peak_memory", "sampling")):
+        pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
+                     if r["metric"] == metric and int(r["resolution"]) == base)
+        if pts:
+            axes[1].plot(*zip(*pts), "o-", label=label)
+    axes[1].set(xlabel="batch", ylabel="peak GB", title="peak GPU memory vs batch")
+    if axes[1].lines:
+        axes[1].legend()
+    sizes = sorted({int(r["resolution"]) for r in rows if r["metric"] == "ms_per_microstep"})
+    batch = min(int(r["batch"]) for r in rows if r["metric"] == "ms_per_microstep" and int(r["resolution"]) != base) \
+        if len(sizes) > 1 else None
+    if batch is not None:
+        pts = sorted((int(r["resolution"]), float(r["value"])) for r in rows
+                     if r["metric"] == "ms_per_microstep" and int(r["batch"]) == batch)
+        axes[2].plot(*zip(*pts), "o-")
+        axes[2].set(xlabel="image side (px)", ylabel="ms", title=f"micro-step vs image size (batch {batch})")
+    fig.suptitle(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    print(f"wrote {figure}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny models, 4 steps: a smoke run that fits a CPU")
+    p.add_argument("--benches", nargs="+", default=["microstep", "epoch", "scaling"],
+                   choices=["microstep", "epoch", "scaling"])
+    p.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "no", choices=list(DTYPES),
+                   help="mixed precision (TRL's anchor: fp16; a CPU needs 'no')")
+    p.add_argument("--epochs", type=int, default=3, help="pxpo epochs timed (the first one warms up)")
+    p.add_argument("--ddpo-epochs", type=int, default=2, help="ddpo epochs timed by the same trainer code")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--reps", type=int, default=10, help="timed micro-steps per measurement")
+    p.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 768], help="image sides besides the base")
+    p.add_argument("--out", default="benchmarks/results/trainer.csv")
+    p.add_argument("--plot", metavar="CSV", help="only draw the scaling figure of this CSV")
+    p.add_argument("--figure", default="docs/figures/trainer_scaling.png")
+    args = p.parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.figure)
+        return
+    if args.tiny:
+        args.scaling_batches, args.scaling_sizes, args.reps = [1, 2], [32], 2
+    steps = 4 if args.tiny else 50
+    dtype = DTYPES[args.precision]
+    record = Recorder(args.out, args.device)
+    t0 = time.perf_counter()
+    pipe = build_pipeline(args.tiny, args.device, dtype)
+    print(f"built the {'tiny' if args.tiny else 'SD-1.5'} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
+    tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2) if args.tiny else {}
+    trainer = make_trainer(pipe, args.device, sample_num_steps=steps, mixed_precision=args.precision,
+                           **{**dict(train_batch_size=args.train_batch), **tiny})
+    if "microstep" in args.benches:
+        bench_microstep(record, trainer, args)
+    if "epoch" in args.benches:
+        bench_epochs(record, trainer, args.epochs, args.device)
+    if "scaling" in args.benches:
+        bench_scaling(record, trainer, args)
+    trainer.close()
+    if "epoch" in args.benches and args.ddpo_epochs:
+        del trainer
+        ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo",
+                            sample_num_steps=steps, mixed_precision=args.precision,
+                            **{**dict(train_batch_size=args.train_batch), **tiny})
+        bench_epochs(record, ddpo, args.ddpo_epochs, args.device)
+        ddpo.close()
+
+
+if __name__ == "__main__":
+    main()
