@@ -31,13 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import diffusers  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+import diffusers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pxpo_ext import embedded  # noqa: E402
-from pxpo_ext.trainer import PXPOConfig, PXPOTrainer  # noqa: E402
-from pxpo_ext.trainer.sampling import sample  # noqa: E402
+from pxpo_ext import embedded
+from pxpo_ext.trainer import PXPOConfig, PXPOTrainer
+from pxpo_ext.trainer.sampling import sample
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
