@@ -27,6 +27,12 @@ TORCH_LIBRARY(pxpo, m) {
       "pxpo_loss(Tensor x, Tensor mean, Tensor std, Tensor logp_old, Tensor adv, Tensor? weight, "
       "float clip_range, int granularity, int loss_type) -> (Tensor, Tensor, Tensor)",
       tags);
+  // The same kernel without an autograd formula: the trainer's fast path, which pushes the
+  // gradient into the model itself, skips the autograd layer's per-call cost.
+  m.def(
+      "pxpo_loss_and_grad(Tensor x, Tensor mean, Tensor std, Tensor logp_old, Tensor adv, Tensor? weight, "
+      "float clip_range, int granularity, int loss_type) -> (Tensor, Tensor, Tensor)",
+      tags);
 }
 
 namespace {

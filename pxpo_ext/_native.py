@@ -84,11 +84,13 @@ def _register_python_parts() -> None:
         dtype = _compute_dtype(reward)
         return reward.new_empty(shape, dtype=dtype), reward.new_empty(shape, dtype=dtype)
 
-    @torch.library.register_fake(lib + "pxpo_loss")
-    def _(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type):
+    def loss_fake(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type):
         dtype = _compute_dtype(x)
         grad = torch.empty_like(mean, memory_format=torch.contiguous_format)
         return x.new_empty((), dtype=dtype), grad, x.new_empty((2,), dtype=dtype)
+
+    torch.library.register_fake(lib + "pxpo_loss", loss_fake)
+    torch.library.register_fake(lib + "pxpo_loss_and_grad", loss_fake)
 
     def logprob_setup(ctx, inputs, output):
         x, mean, std, granularity = inputs
@@ -138,5 +140,4 @@ def pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range: float, granularit
 
 
 def pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
-    return tuple(_ops().pxpo_loss(x.detach(), mean.detach(), std, logp_old, adv, weight, clip_range, granularity,
-                                  loss_type))
+    return tuple(_ops().pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type))

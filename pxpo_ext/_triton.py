@@ -67,5 +67,5 @@ def pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range: float, granularit
 def pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
     if _float64(mean):
         return reference.pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type)
-    return torch.ops.pxpo_triton.pxpo_loss(x.detach(), mean.detach(), std, logp_old, adv, weight, clip_range,
-                                           granularity, loss_type)
+    return torch.ops.pxpo_triton.pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity,
+                                                    loss_type)

@@ -71,8 +71,10 @@ def _std_per_sample(std, batch: int, device: torch.device) -> torch.Tensor:
         std = std.reshape(batch)
     else:
         raise ValueError(f"std must be a scalar or have one value per sample ({batch}), got shape {tuple(std.shape)}")
-    std = std.detach().to(torch.float32 if std.dtype != torch.float64 else torch.float64).contiguous()
-    if std.device.type == "cpu" and not bool((std > 0).all() & torch.isfinite(std).all()):
+    std = _as(std, torch.float32 if std.dtype != torch.float64 else torch.float64).contiguous()
+    # On the CPU a Python scan of B values is cheaper than two reductions; a device tensor is not
+    # checked here, since reading it back would make the caller wait for the device.
+    if std.device.type == "cpu" and not all(0 < v < math.inf for v in std.tolist()):
         raise ValueError(
             "std must be finite and > 0 for every sample: a deterministic step (eta=0, or a final step with "
             "alpha_prev=1) has no density; sample with eta > 0 and leave deterministic steps out of training"
@@ -95,7 +97,15 @@ def _expect_shape(label: str, t: torch.Tensor, shapes: Sequence[tuple], device, 
 def _aux(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Small per-pixel inputs (old log-probs, advantages, weights) in float32 (float64 stays)."""
     dt = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return t.detach().to(dt)
+    return _as(t, dt)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` detached in ``dtype``, without a call when it already is (each call costs microseconds, and
+    the loss is called once per micro-step)."""
+    if t.dtype == dtype and not t.requires_grad:
+        return t
+    return t.detach().to(dtype)
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std, granularity: str = "pixel") -> torch.Tensor:
@@ -138,8 +148,6 @@ def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, so
     if reward.shape[0] == 0:
         raise ValueError(f"{source} returned an empty batch of rewards")
     reward = reward.float() if reward.dtype != torch.float64 else reward
-    if not bool(torch.isfinite(reward).all()):
-        raise ValueError(f"{source} returned rewards with NaN or infinity (shape {tuple(reward.shape)})")
     if weight is not None:
         weight = torch.as_tensor(weight, device=reward.device)
         if weight.dim() == 4 and weight.shape[1] == 1:
@@ -152,10 +160,7 @@ def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, so
                 f"{tuple(reward.shape)}; they must match"
             )
         weight = weight.to(reward.dtype)
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"{source} returned a weight map with NaN or infinity")
-        if bool((weight < 0).any() | (weight > 1).any()):
-            raise ValueError(f"{source} returned weights outside [0, 1] (min {weight.min().item():g}, max {weight.max().item():g})")
+    check_reward_values(reward, weight, source)
     if reward.dim() == 1:
         if weight is None:
             r = reward.reshape(-1, 1, 1).expand(-1, h, w).contiguous()
@@ -164,6 +169,24 @@ def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, so
     reward = reward.contiguous()
     weight = weight.contiguous() if weight is not None else None
     return _backend.select(reward.device).reward_to_latent(reward, weight, h, w)
+
+
+def check_reward_values(reward: torch.Tensor, weight: torch.Tensor | None, source: str,
+                        error: type[ValueError] = ValueError) -> None:
+    """Refuse NaN or infinite rewards and weights outside [0, 1] with ``error`` naming ``source``.
+
+    Reads each map once and waits for the device once: the sum of a map is finite exactly when
+    every value is (short of an overflow of the sum itself), and NaN propagates through min/max.
+    """
+    checks = [reward.sum()]
+    if weight is not None:
+        checks.extend(torch.aminmax(weight))
+    total, *bounds = torch.stack(checks).tolist()
+    if not math.isfinite(total):
+        raise error(f"{source} returned rewards with NaN or infinity (shape {tuple(reward.shape)})")
+    if bounds and not (0 <= bounds[0] and bounds[1] <= 1):  # NaN fails both comparisons
+        kind = "NaN or infinity" if not all(map(math.isfinite, bounds)) else "weights outside [0, 1]"
+        raise error(f"{source} returned a weight map with {kind} (min {bounds[0]:g}, max {bounds[1]:g})")
 
 
 def _loss_args(x, mean, std, logp_old, advantages, weight, clip_range, granularity, loss_type):
@@ -215,6 +238,8 @@ def pxpo_loss_and_grad(x_prev, mean, std, logp_old, advantages, weight=None, cli
     ``grad_mean`` is dL/d``mean`` in ``mean``'s dtype; push it into the model with
     ``mean.backward(grad_mean)``. This is the trainer's fast path: one kernel, no graph.
     """
+    if isinstance(mean, torch.Tensor) and mean.requires_grad:  # no graph: the gradient is an output
+        mean = mean.detach()
     args = _loss_args(x_prev, mean, std, logp_old, advantages, weight, clip_range, granularity, loss_type)
     loss, grad, stats = _backend.select(x_prev.device).pxpo_loss_and_grad(*args)
     return loss, grad, {"approx_kl": stats[0], "clipfrac": stats[1]}

@@ -100,6 +100,16 @@ def test_opcheck_pxpo_loss(device, requires_grad):
         torch.library.opcheck(OPS.pxpo_loss.default, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_pxpo_loss_and_grad(device):
+    """The fast path's op: no autograd formula, the same outputs as pxpo_loss."""
+    for args in loss_samples(device, False):
+        torch.library.opcheck(OPS.pxpo_loss_and_grad.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        for a, b in zip(OPS.pxpo_loss_and_grad(*args), OPS.pxpo_loss(*args)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- gradients (float64, through the public ops)
 
 @pytest.mark.parametrize("granularity", ["element", "pixel", "mean"])

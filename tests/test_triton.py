@@ -288,10 +288,11 @@ def _op_samples():
         (ops.reward_to_latent.default, (torch.randn(2, 7, 9, device=DEVICE), torch.rand(2, 7, 9, device=DEVICE), 3, 4)),
         (ops.reward_to_latent.default, (torch.randn(2, 8, 8, device=DEVICE), None, 2, 2)),
         (ops.pxpo_loss.default, (x, mean.clone().requires_grad_(True), std, logp_old, adv, weight, 0.2, PIXEL, PPO)),
+        (ops.pxpo_loss_and_grad.default, (x, mean, std, logp_old, adv, weight, 0.2, PIXEL, PPO)),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

@@ -190,6 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cpu(const at::Tensor& x
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pxpo, CPU, m) { m.impl("pxpo_loss", &pxpo_loss_cpu); }
+TORCH_LIBRARY_IMPL(pxpo, CPU, m) {
+  m.impl("pxpo_loss", &pxpo_loss_cpu);
+  m.impl("pxpo_loss_and_grad", &pxpo_loss_cpu);
+}
 
 }  // namespace pxpo::cpu

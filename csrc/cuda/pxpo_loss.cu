@@ -265,6 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cuda(const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pxpo, CUDA, m) { m.impl("pxpo_loss", &pxpo_loss_cuda); }
+TORCH_LIBRARY_IMPL(pxpo, CUDA, m) {
+  m.impl("pxpo_loss", &pxpo_loss_cuda);
+  m.impl("pxpo_loss_and_grad", &pxpo_loss_cuda);
+}
 
 }  // namespace pxpo::cuda

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..ops import check_reward_values
+
 
 class RewardError(ValueError):
     """A reward function returned something pxpo cannot use; the message names the function."""
@@ -100,8 +102,6 @@ def normalize_output(out, name: str, batch: int, image_size: tuple[int, int]) ->
             f"reward function {name!r} returned rewards of shape {tuple(reward.shape)}; expected ({batch},) "
             f"per-image scalars or ({batch}, {height}, {width}) maps for {batch} images of {height}x{width}"
         )
-    if not bool(torch.isfinite(reward).all()):
-        raise RewardError(f"reward function {name!r} returned NaN or infinite rewards (shape {tuple(reward.shape)})")
     if weight is not None:
         weight = _tensor(weight, name, "a weight map")
         if weight.dim() == 4 and weight.shape[1] == 1:
@@ -111,13 +111,7 @@ def normalize_output(out, name: str, batch: int, image_size: tuple[int, int]) ->
                 f"reward function {name!r} returned a weight map of shape {tuple(weight.shape)}; "
                 f"expected ({batch}, {height}, {width})"
             )
-        if not bool(torch.isfinite(weight).all()):
-            raise RewardError(f"reward function {name!r} returned a weight map with NaN or infinity")
-        if bool((weight < 0).any() | (weight > 1).any()):
-            raise RewardError(
-                f"reward function {name!r} returned weights outside [0, 1] "
-                f"(min {weight.min().item():g}, max {weight.max().item():g})"
-            )
+    check_reward_values(reward, weight, f"reward function {name!r}", RewardError)
     return RewardOutput(reward=reward, weight=weight, info=info)
 
 

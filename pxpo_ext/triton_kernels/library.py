@@ -55,6 +55,13 @@ def pxpo_loss(x: Tensor, mean: Tensor, std: Tensor, logp_old: Tensor, adv: Tenso
     return loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type)
 
 
+@torch.library.triton_op("pxpo_triton::pxpo_loss_and_grad", mutates_args=())
+def pxpo_loss_and_grad(x: Tensor, mean: Tensor, std: Tensor, logp_old: Tensor, adv: Tensor, weight: Optional[Tensor],
+                       clip_range: float, granularity: int, loss_type: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The same kernel without an autograd formula: the fast path skips the autograd layer."""
+    return loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type)
+
+
 def _loss_setup(ctx, inputs, output):
     _, grad, stats = output
     ctx.save_for_backward(grad)
@@ -80,5 +87,5 @@ if INTERPRETED:
     # under TRITON_INTERPRET=1 the ops stay whole in compiled graphs, as torch.export keeps them.
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-    for _op in (gaussian_logprob, gaussian_logprob_backward, reward_to_latent, pxpo_loss):
+    for _op in (gaussian_logprob, gaussian_logprob_backward, reward_to_latent, pxpo_loss, pxpo_loss_and_grad):
         _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
