@@ -7,8 +7,11 @@
 #
 # Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path runs
 # that anchor script; PRETRAIN_ARGS="..." trains the embedded model in the background during the
-# build and tests (python/pretrain_tiny.py), before any timing starts. Results land in $OUT:
-# session.log, ops.csv, trainer.csv, trl.json, and tiny-gpu.tar when pretraining ran.
+# build and tests (python/pretrain_tiny.py), before any timing starts; ONLY="stage names" runs
+# just those stages (build kernel-tests bench-ops bench-trainer bench-variants trl-anchor
+# bench-scaling); OPS_BATCHES and TRAINER_ARGS change those benchmarks' sizes and options.
+# Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json, and tiny-gpu.tar when
+# pretraining ran.
 set -u
 OUT=${OUT:-/tmp/pxpo-gpu}
 DEADLINE_S=${DEADLINE_S:-580}
@@ -23,6 +26,7 @@ log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 # for the stages after it; skipped when under 15 s remain.
 stage() {
   local name=$1 cap=$2 reserve=$3; shift 3
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
   local left=$(( DEADLINE_S - ($(date +%s) - START) - reserve ))
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 15 )); then log "SKIP $name (only ${left}s left)"; return 0; fi
@@ -46,8 +50,9 @@ if [[ -n "${PRETRAIN_ARGS:-}" ]]; then
   log "START pretrain (background): $PRETRAIN_ARGS"
   # shellcheck disable=SC2086
   (python3 python/pretrain_tiny.py $PRETRAIN_ARGS --out /tmp/tiny-gpu >"$OUT/pretrain.log" 2>&1;
-   echo "pretrain rc=$?" >>"$OUT/pretrain.log"; cp "$OUT/pretrain.log" /tmp/tiny-gpu/ 2>/dev/null;
-   tar -C /tmp -cf "$OUT/tiny-gpu.tar" tiny-gpu 2>/dev/null; rm -f "$OUT/pretrain.log") &
+   echo "pretrain rc=$?" >>"$OUT/pretrain.log"
+   # the log travels inside the tar when there is a model folder, else on its own
+   if [[ -d /tmp/tiny-gpu ]]; then mv "$OUT/pretrain.log" /tmp/tiny-gpu/ && tar -C /tmp -cf "$OUT/tiny-gpu.tar" tiny-gpu; fi) &
   PRETRAIN_PID=$!
 fi
 
@@ -62,13 +67,17 @@ if [[ -n "$PRETRAIN_PID" ]]; then  # no timing while the GPU trains something el
   log "waiting for pretrain"; wait "$PRETRAIN_PID"; log "pretrain done"
 fi
 
-stage bench-ops 90 280 python3 benchmarks/bench_ops.py --device cuda --batch 16 128 1024 4096 --min-time 0.05 \
-  --out "$OUT/ops.csv"
+# shellcheck disable=SC2086
+stage bench-ops 90 280 python3 benchmarks/bench_ops.py --device cuda --batch ${OPS_BATCHES:-16 128 1024 4096} \
+  --min-time 0.05 --out "$OUT/ops.csv"
+# shellcheck disable=SC2086
+stage bench-variants 60 250 python3 benchmarks/bench_trainer.py --benches microstep variants --out "$OUT/trainer.csv"
+# shellcheck disable=SC2086
 stage bench-trainer 130 170 python3 benchmarks/bench_trainer.py --benches microstep epoch --ddpo-epochs 0 \
-  --out "$OUT/trainer.csv"
+  ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"
 if [[ -n "${TRL_ANCHOR:-}" ]]; then
   stage trl-anchor 185 0 sh -c "python3 '$TRL_ANCHOR' > '$OUT/trl.json'"
-  log "trl: $(tail -c 400 "$OUT/trl.json")"
+  [[ -s "$OUT/trl.json" ]] && log "trl: $(tail -c 400 "$OUT/trl.json")"
 fi
 stage bench-scaling 120 0 python3 benchmarks/bench_trainer.py --benches scaling --scaling-batches 1 4 16 \
   --scaling-sizes 768 --out "$OUT/trainer.csv"

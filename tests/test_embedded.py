@@ -65,14 +65,20 @@ def test_samples_are_clean_flat_colour_images(samples):
 
 
 @needs_weights
-@pytest.mark.xfail(reason="the shipped snapshot does not follow prompts yet: 200 judged samples gave "
-                          "background 12.5%, objects 18.3% (docs/embedded_model.md); retraining is needed", strict=False)
-def test_samples_follow_their_prompts(samples):
+def test_sample_backgrounds_follow_their_prompts(samples):
     images, captions = samples
     rates = fidelity(judge_batch(images, captions))
-    # The targets are 90% (background) and 80% (objects); 8 samples get some margin.
+    # The target is 90% (200 judged samples gave 88.5%); 8 samples get some margin.
     assert rates["background"] >= 0.75, rates
-    assert rates["objects"] >= 0.6, rates
+
+
+@needs_weights
+@pytest.mark.xfail(reason="the shipped model draws the named shapes in their colour in 23.4% of 312 named objects "
+                          "(200 judged samples, docs/embedded_model.md); the issue's target is 80%", strict=False)
+def test_sample_objects_follow_their_prompts(samples):
+    images, captions = samples
+    rates = fidelity(judge_batch(images, captions))
+    assert rates["objects"] >= 0.6, rates  # the target is 80%; 8 samples get some margin
 
 
 def test_missing_weights_name_the_training_command(tmp_path):
@@ -91,3 +97,79 @@ def test_quick_training_writes_a_loadable_pipeline(tmp_path):
     with torch.no_grad():
         out = quick(["a red circle on a blue background"], num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and torch.isfinite(out).all()
+
+
+def _pretrain_module():
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import pretrain_tiny
+    finally:
+        sys.path.pop(0)
+    return pretrain_tiny
+
+
+def test_budgeted_quick_training_records_its_stages(tmp_path):
+    pretrain_tiny = _pretrain_module()
+    pretrain_tiny.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
+                        "--offset-noise", "0.2", "--device", "cpu"])
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["device"] == "cpu" and report["offset_noise"] == 0.2 and report["max_minutes"] == 0.5
+    for stage in ("vae", "unet", "decoder"):
+        assert 1 <= report["stages"][stage]["steps_done"] <= report["stages"][stage]["steps_planned"]
+    assert report["total_s"] < 30
+    embedded.load_pipeline(path=tmp_path)
+
+
+def test_budget_clock_stops_at_its_deadline_and_anneals():
+    import time
+
+    pretrain_tiny = _pretrain_module()
+    clock = pretrain_tiny.Clock(1000, deadline=time.time() - 1)
+    assert list(clock) == [0] and clock.done == 1 and clock.stopped_by == "budget"  # one step at least
+    clock = pretrain_tiny.Clock(10, stop=4)
+    assert list(clock) == [0, 1, 2, 3] and clock.stopped_by == "stop"
+    assert pretrain_tiny.lr_at(500, 1000, 1.0, 10, time_fraction=1.0) == pytest.approx(0.1)
+    assert pretrain_tiny.lr_at(500, 1000, 1.0, 10) == pretrain_tiny.lr_at(500, 1000, 1.0, 10, time_fraction=0.0)
+    budget = pretrain_tiny.Budget(1.0, (0.25, 0.6, 0.15), start=time.time())
+    first = budget.deadline("vae") - time.time()
+    assert 0.25 * (60 - budget.reserve_s) - 1 < first <= 0.25 * (60 - budget.reserve_s)
+    assert pretrain_tiny.Budget(None, (1, 1, 1), start=0).deadline("unet") is None
+
+
+def test_scenes_are_the_same_in_parallel():
+    from pxpo_ext.scenes import SceneGenerator
+
+    pretrain_tiny = _pretrain_module()
+    images, captions = pretrain_tiny.make_scenes(2000, seed=3, workers=2)
+    reference = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=3)
+    for i in (0, 777, 1999):
+        scene = reference.sample(i)
+        assert torch.equal(images[i], scene.image) and captions[i] == scene.caption
+
+
+def test_init_from_continues_a_saved_pipeline(tmp_path):
+    from safetensors.torch import load_file
+
+    pretrain_tiny = _pretrain_module()
+    base, cont = tmp_path / "base", tmp_path / "cont"
+    pretrain_tiny.main(["--quick", "--out", str(base), "--threads", "1", "--device", "cpu"])
+    pretrain_tiny.main(["--quick", "--init-from", str(base), "--out", str(cont), "--threads", "1", "--device", "cpu",
+                        "--unet-stop", "1", "--lr", "1e-4", "--max-minutes", "0.5", "--budget-shares", "0,0.8,0.2"])
+    report = json.loads((cont / "training.json").read_text())
+    previous = json.loads((base / "training.json").read_text())
+    assert report["init_from"] == str(base) and report["previous"] == previous
+    assert set(report["stages"]) == {"unet", "decoder"} and report["vae_loss"] is None  # no VAE stage
+    assert report["scaling_factor"] == previous["scaling_factor"]  # kept, not recomputed
+    assert report["unet_steps_total"] == previous["stages"]["unet"]["steps_done"] + 1
+    name = "diffusion_pytorch_model.safetensors"
+    before, after = load_file(base / "unet" / name), load_file(cont / "unet" / name)
+    change = max((before[k] - after[k]).abs().max().item() for k in before)
+    assert 0 < change < 1e-4, change  # one step at a small learning rate, from the saved weights
+    vae_before, vae_after = load_file(base / "vae" / name), load_file(cont / "vae" / name)
+    frozen = [k for k in vae_before if k.startswith(("encoder.", "quant_conv."))]  # the latent space is kept
+    assert frozen and all(torch.equal(vae_before[k], vae_after[k]) for k in frozen)
+    embedded.load_pipeline(path=cont)
+    with pytest.raises(SystemExit):  # a --quick folder does not fit the full-size models
+        pretrain_tiny.main(["--init-from", str(base), "--out", str(tmp_path / "bad"), "--scenes", "64",
+                            "--threads", "1", "--device", "cpu"])
+    assert not (tmp_path / "bad").exists()

@@ -40,7 +40,8 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     if missing:
         raise FileNotFoundError(
             f"the embedded pipeline at {folder} lacks {', '.join(missing)}; "
-            "train it with `python python/pretrain_tiny.py --threads 1 --unet-stop 1000` (45 minutes on a 2-core CPU) "
+            "train it with `python python/pretrain_tiny.py --device cuda --max-minutes 3` (the command in "
+            "docs/embedded_model.md; on a CPU, `--threads 2`) "
             "or reinstall pxpo with its package data"
         )
     pipe = StableDiffusionPipeline.from_pretrained(
