@@ -101,3 +101,27 @@ def test_resave_replaces_a_checkpoint_atomically(tmp_path):
     ckpt.save_checkpoint(folder, acc, trainable={"w": torch.ones(2)}, trainer_state={"epoch": 1}, **args)
     assert torch.equal(load_file(folder / "trainable.safetensors")["w"], torch.ones(2))
     assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint-1"]
+
+
+def test_rng_state_round_trips_through_weights_only_files(tmp_path):
+    """The numpy stream is stored as a tensor (loadable with weights_only=True); RNG files written before
+    that, with a numpy array inside, still load (numpy arrays are allow-listed, nothing else)."""
+    import random
+
+    import numpy as np
+
+    acc = Accelerator(cpu=True)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = ckpt.capture_rng({"sampler": torch.Generator().manual_seed(4).get_state(), "prompts": None})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    args = {"optimizer": {}, "lr_scheduler": {}, "stat_tracker": {}, "trainer_state": {"epoch": 1}}
+    folder = ckpt.save_checkpoint(tmp_path / "checkpoints" / "checkpoint-1", acc, trainable={"w": torch.zeros(1)},
+                                  rng_state=state, **args)
+    torch.load(folder / "rng_state_0.pt", weights_only=True)  # plain tensors, numbers and strings
+    ckpt.restore_rng(ckpt.load_checkpoint(folder)["rng_state"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+    np.random.seed(2)
+    torch.save({**state, "numpy": np.random.get_state()}, folder / "rng_state_0.pt")  # the earlier format
+    ckpt.restore_rng(ckpt.load_checkpoint(folder)["rng_state"])
+    assert np.random.rand() == expected[1]

@@ -7,7 +7,7 @@ Routes (all answers JSON unless noted):
 - ``GET /api/image``: the current image (PNG).
 - ``POST /api/feedback``: body = the marks as an RGBA PNG of the image's size (green =
   liked, red = disliked); starts a training round (202), or 400 / 409 / 413 with a message.
-- ``POST /api/save``: saves the LoRA and answers its folder.
+- ``POST /api/save``: saves the LoRA and answers its folder (507 with a message when the disk is full).
 
 It binds 127.0.0.1 unless told otherwise, refuses requests whose ``Host`` is not the
 address it serves (DNS rebinding) and cross-origin POSTs (another site's page in the same
@@ -15,6 +15,7 @@ browser), and caps uploads at :data:`MAX_UPLOAD_BYTES`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mimetypes
@@ -160,6 +161,10 @@ class FeedbackHandler(BaseHTTPRequestHandler):
             folder = self.server.session.save()
         except SessionBusy as busy:
             return self._error(HTTPStatus.CONFLICT, str(busy))
+        except OSError as failed:  # a full disk, a folder that cannot be written: say so, keep serving
+            logger.error("saving the LoRA failed: %s", failed)
+            return self._error(HTTPStatus.INSUFFICIENT_STORAGE if failed.errno in (errno.ENOSPC, errno.EDQUOT)
+                               else HTTPStatus.INTERNAL_SERVER_ERROR, f"could not save: {failed}")
         return self._json(HTTPStatus.OK, {"saved": str(folder)})
 
 

@@ -12,10 +12,16 @@ A checkpoint folder holds::
 Every process calls :func:`save_checkpoint` (each writes its own RNG file; a save from the
 main process only would leave the others waiting). Files go to a temporary sibling folder,
 are fsynced, and the folder is renamed into place, so a crash never leaves a half-written
-checkpoint under the final name.
+checkpoint under the final name; a write that fails (a full disk) removes its temporary folder
+and says which checkpoint it could not write, and the previous checkpoints stay as they were.
+
+Nothing is unpickled: the ``.pt`` files hold only tensors, numbers, strings and containers of
+them (the numpy RNG state is stored as a tensor) and are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -25,11 +31,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
+TORCH_FILES = ("optimizer.pt", "lr_scheduler.pt", "stat_tracker.pt")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# A re-save of the same epoch moves the previous copy aside under this name before renaming the new
+# one into place; a crash between the two renames leaves it as the only (and complete) copy.
+_MOVED_ASIDE = re.compile(r"^\.checkpoint-(\d+)\.old$")
+_TEMPORARY = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
 
 
 def _fsync(path: Path) -> None:
@@ -40,9 +52,54 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports its I/O errors as "... (os error 28) ..."
+
+
+def _write_error(error: Exception, what: str, where: Path) -> OSError:
+    """``error`` as an ``OSError`` whose message names ``where`` and, for a full disk, says so."""
+    code = getattr(error, "errno", None)
+    if code is None and (m := re.search(r"os error (\d+)", str(error))):
+        code = int(m.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full (no space left on device)"
+    else:
+        reason = getattr(error, "strerror", None) or str(error)
+    message = f"could not write {what} {str(where)!r}: {reason}; earlier checkpoints and weights are untouched"
+    kind = type(error) if isinstance(error, OSError) else OSError
+    return kind(code, message) if code is not None else kind(message)
+
+
+def check_writable(folder) -> Path:
+    """Check that ``folder`` can be created (or, if it exists, written to) without leaving anything behind.
+
+    Raises an ``OSError`` that names the folder and the reason: a path component that is a file, no
+    permission, a read-only file system.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{str(existing)!r} is a file")
+        probe = existing / f".pxpo-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = f"a file is in the way ({str(existing)!r} is not a folder)" if isinstance(
+            error, NotADirectoryError) else (error.strerror or str(error))
+        raise type(error)(error.errno, f"output_dir {str(folder)!r} cannot be written: {reason}; "
+                                       "choose a folder you can write to") from error
+    return folder
+
+
 def capture_rng(extra: dict | None = None) -> dict:
-    """Every global random stream of this process, plus ``extra`` named states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global random stream of this process, plus ``extra`` named states (tensors, numbers, strings)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             # numpy's key array as a tensor: the file stays loadable with ``weights_only=True``
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state.update(extra or {})
@@ -50,8 +107,11 @@ def capture_rng(extra: dict | None = None) -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -62,66 +122,112 @@ def save_checkpoint(folder, accelerator, *, trainable: dict[str, torch.Tensor], 
     """Write a checkpoint to ``folder`` atomically; call it on every process.
 
     ``write_extra(tmp_folder)`` (main process only) may add files, e.g. the diffusers LoRA.
+    An ``OSError`` (a full disk, no permission) removes the temporary folder and is raised again
+    with a message naming ``folder``; earlier checkpoints are never touched.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    written = [tmp / f"rng_state_{accelerator.process_index}.pt"]
-    torch.save(rng_state, written[0])
-    if accelerator.is_main_process:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / WEIGHTS_FILE)
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(lr_scheduler, tmp / "lr_scheduler.pt")
-        torch.save(stat_tracker, tmp / "stat_tracker.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, default=str))
-        if write_extra is not None:
-            write_extra(tmp)
-    for path in written:
-        _fsync(path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in tmp.iterdir():
+    old = folder.with_name(f".{folder.name}.old")
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        written = [tmp / f"rng_state_{accelerator.process_index}.pt"]
+        torch.save(rng_state, written[0])
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / WEIGHTS_FILE)
+            torch.save(optimizer, tmp / "optimizer.pt")
+            torch.save(lr_scheduler, tmp / "lr_scheduler.pt")
+            torch.save(stat_tracker, tmp / "stat_tracker.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, default=str))
+            if write_extra is not None:
+                write_extra(tmp)
+        for path in written:
             _fsync(path)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():  # re-saving the same epoch: swap, then drop the old copy
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for path in tmp.iterdir():
+                _fsync(path)
+            _fsync(tmp)
+            if folder.exists():  # re-saving the same epoch: swap, then drop the old copy
+                shutil.rmtree(old, ignore_errors=True)
+                folder.rename(old)
+            tmp.rename(folder)
+            _fsync(folder.parent)
             shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        _fsync(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
+    except _WRITE_ERRORS as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.is_dir() and not folder.exists():  # failed between the two renames: put the old copy back
+                with contextlib.suppress(OSError):  # if even that fails, list_checkpoints still finds it
+                    old.rename(folder)
+        raise _write_error(error, "checkpoint", folder) from error
     accelerator.wait_for_everyone()
     return folder
 
 
+def _numpy_array_globals() -> list:
+    """What ``weights_only`` needs to rebuild a plain numpy array: the RNG files of checkpoints written before
+    the numpy state was stored as a tensor. Arrays only; no other callable is allowed."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_torch(path: Path, folder: Path):
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(folder)!r} is incomplete: {path.name} is missing") from None
+    except Exception as error:  # noqa: BLE001  (truncated zip, foreign pickle, anything weights_only refuses)
+        raise ValueError(f"checkpoint {str(folder)!r}: {path.name} is corrupt or not a pxpo checkpoint file "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         "resume from an earlier checkpoint") from None
+
+
 def load_checkpoint(folder, process_index: int = 0) -> dict:
-    """Everything :func:`save_checkpoint` wrote, for this process."""
+    """Everything :func:`save_checkpoint` wrote, for this process; clear errors for missing or corrupt files."""
     folder = resolve(folder)
     rng_path = folder / f"rng_state_{process_index}.pt"
     if not rng_path.is_file():
         raise FileNotFoundError(f"{rng_path} is missing: the checkpoint was written by fewer processes than "
                                 f"this run has; resume with the same number of processes")
-    # Our own files (they hold numpy and python RNG states, which weights_only refuses).
-    load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=False)
-    return {
-        "trainable": load_file(folder / WEIGHTS_FILE),
-        "optimizer": load("optimizer.pt"),
-        "lr_scheduler": load("lr_scheduler.pt"),
-        "stat_tracker": load("stat_tracker.pt"),
-        "trainer_state": json.loads((folder / STATE_FILE).read_text()),
-        "rng_state": torch.load(rng_path, map_location="cpu", weights_only=False),
-    }
+    try:
+        trainer_state = json.loads((folder / STATE_FILE).read_text())
+        if not isinstance(trainer_state, dict) or "epoch" not in trainer_state:
+            raise ValueError("no 'epoch' in it")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"checkpoint {str(folder)!r}: {STATE_FILE} is corrupt ({error}); "
+                         "resume from an earlier checkpoint") from None
+    try:
+        trainable = load_file(folder / WEIGHTS_FILE)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(folder)!r} is incomplete: {WEIGHTS_FILE} is missing") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"checkpoint {str(folder)!r}: {WEIGHTS_FILE} is corrupt ({error}); "
+                         "resume from an earlier checkpoint") from None
+    loaded = {name[:-3]: _load_torch(folder / name, folder) for name in TORCH_FILES}
+    return {"trainable": trainable, **loaded, "trainer_state": trainer_state,
+            "rng_state": _load_torch(rng_path, folder)}
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints under ``run_dir/checkpoints``, oldest first."""
+    """Complete checkpoints under ``run_dir/checkpoints``, oldest first.
+
+    A temporary ``.checkpoint-<n>.tmp`` folder (a save that was interrupted) never counts. A
+    ``.checkpoint-<n>.old`` folder (the previous copy of a re-saved epoch) counts only when the
+    save that moved it aside died before ``checkpoint-<n>`` took its place.
+    """
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    found: dict[int, Path] = {}
+    for pattern in (_MOVED_ASIDE, _NAME):  # the final name wins over a moved-aside copy
+        for p in root.iterdir():
+            if (m := pattern.match(p.name)) and (p / STATE_FILE).is_file():
+                found[int(m.group(1))] = p
+    return [found[k] for k in sorted(found)]
 
 
 def resolve(path) -> Path:
@@ -137,7 +243,47 @@ def resolve(path) -> Path:
 
 
 def prune(run_dir, limit: int) -> None:
-    """Keep the ``limit`` newest checkpoints (0 keeps all)."""
+    """Keep the ``limit`` newest checkpoints (0 keeps all); drop folders left by interrupted saves.
+
+    Call it only between saves (no other process is writing a checkpoint).
+    """
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for stale in root.iterdir():
+            if _TEMPORARY.match(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
     if limit > 0:
         for old in list_checkpoints(run_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_files(folder, write) -> Path:
+    """Run ``write(tmp_folder)`` and move every file it wrote into ``folder``, each with an atomic rename.
+
+    A crash or a full disk leaves each file either as it was or fully replaced, never half-written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".pxpo-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as error:
+        raise _write_error(error, "weights to", folder) from error
+    try:
+        write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        for path in sorted(tmp.rglob("*")):
+            target = folder / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
+        _fsync(folder)
+    except _WRITE_ERRORS as error:
+        raise _write_error(error, "weights to", folder) from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -4,6 +4,7 @@ Each field carries ``metadata={"help": ...}``; the command line builds ``--help`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from ..ops import DDPO_CLIP_RANGE, DEFAULT_CLIP_RANGE
@@ -36,7 +37,8 @@ class PXPOConfig:
     reward: str = _help("registered reward function name (pxpo_ext.rewards.available_rewards())", default="colour")
     reward_kwargs: dict = field(default_factory=dict, metadata={
         "help": "options passed to the reward factory, e.g. {'channel': 'blue'}"})
-    prompts: str = _help("prompt source: 'scenes', 'animals', 'text:<one prompt>' or 'file:<path, one per line>'",
+    prompts: str = _help("prompt source: 'scenes', 'animals', 'text:<one prompt>', 'file:<path, one per line>', or "
+                         "'cycle:<n>:<source>' (n prompts drawn once, then repeated, each from fixed noise)",
                          default="scenes")
     output_dir: str = _help("run folder: metrics, images, checkpoints and the final weights", default="runs/pxpo")
     seed: int = _help("random seed (each process adds its index)", default=0)
@@ -113,6 +115,22 @@ class PXPOConfig:
                      "stat_buffer_size", "lora_rank", "reward_workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        def number(name, ok, rule):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+        number("train_learning_rate", lambda v: v > 0, "a finite number > 0")
+        number("train_adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("train_adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("train_adam_epsilon", lambda v: v > 0, "a finite number > 0")
+        number("train_adam_weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        number("train_max_grad_norm", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
+        number("train_adv_clip_max", lambda v: v > 0, "a finite number > 0")
+        number("train_lr_warmup_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0")
+        if self.lora_alpha is not None:
+            number("lora_alpha", lambda v: v > 0, "a finite number > 0 or None (the rank)")
         if not self.sample_eta > 0:
             raise ValueError(f"sample_eta must be > 0 (eta = 0 is deterministic: no log-probability), "
                              f"got {self.sample_eta}")

@@ -82,6 +82,8 @@ class PXPOTrainer:
         c = config
         self.accelerator = Accelerator(mixed_precision=c.mixed_precision, cpu=cpu_distributed())
         acc = self.accelerator
+        if acc.is_main_process:  # before any model loads: an unwritable run folder fails at once, clearly
+            ckpt.check_writable(c.output_dir)
         set_seed(c.seed, device_specific=True)
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -407,11 +409,11 @@ class PXPOTrainer:
         acc, c = self.accelerator, self.config
         acc.wait_for_everyone()
         if acc.is_main_process:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            # Each file is written aside and renamed into place: a crash or a full disk never leaves half a file.
             if c.use_lora:
-                save_lora(self._unwrapped_unet, folder, c.lora_rank, c.lora_alpha)
+                ckpt.replace_files(folder, lambda tmp: save_lora(self._unwrapped_unet, tmp, c.lora_rank, c.lora_alpha))
             else:
-                self._unwrapped_unet.save_pretrained(Path(folder) / "unet")
+                ckpt.replace_files(folder, lambda tmp: self._unwrapped_unet.save_pretrained(Path(tmp) / "unet"))
         acc.wait_for_everyone()
 
     def save_checkpoint(self, folder) -> Path:
@@ -447,8 +449,16 @@ class PXPOTrainer:
                              f"{acc.num_processes}; resume with the same number so every RNG stream continues")
         named = dict(self._unwrapped_unet.named_parameters())
         missing = set(self.trainable_names) - set(state["trainable"])
-        if missing:
-            raise ValueError(f"checkpoint {where} lacks {len(missing)} trained parameters, e.g. {min(missing)}")
+        extra = set(state["trainable"]) - set(self.trainable_names)
+        wrong = sorted(n for n in set(self.trainable_names) & set(state["trainable"])
+                       if state["trainable"][n].shape != named[n].shape)
+        if missing or extra or wrong:
+            example = (f"{len(missing)} missing, e.g. {min(missing)}" if missing else
+                       f"{len(extra)} unknown to this model, e.g. {min(extra)}" if extra else
+                       f"{wrong[0]} is {tuple(state['trainable'][wrong[0]].shape)} in the checkpoint but "
+                       f"{tuple(named[wrong[0]].shape)} here")
+            raise ValueError(f"checkpoint {where} does not fit this model's trained parameters ({example}); it was "
+                             f"trained on model={saved['config'].get('model')!r}, this run has model={c.model!r}")
         with torch.no_grad():
             for name in self.trainable_names:
                 named[name].copy_(state["trainable"][name])
