@@ -18,9 +18,9 @@ from pxpo_ext.experiments.evaluation import (
     mean_rewards,
     min_circle_pixels,
 )
-from pxpo_ext.experiments.runs import CyclingPrompts
 from pxpo_ext.rewards import RewardOutput
 from pxpo_ext.scenes import COLOURS, SceneGenerator
+from pxpo_ext.trainer.prompts import CyclingPrompts, get_prompt_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,18 @@ def test_cycling_prompts_repeat_in_order_with_fixed_noise_and_resume():
     again.load_state_dict(source.state_dict())
     assert again() == source() == ("b", {"seed": 101})
     assert CyclingPrompts(["a"])() == ("a", {})
+
+
+def test_cycle_prompt_source_draws_once_then_repeats_with_fixed_noise():
+    first = get_prompt_fn("cycle:3:animals", seed=2)
+    drawn = [first() for _ in range(6)]
+    assert drawn[:3] == drawn[3:] and len({p for p, _ in drawn}) <= 3
+    assert [m["seed"] for _, m in drawn[:3]] == [3_000_000, 3_000_001, 3_000_002]
+    again = get_prompt_fn("cycle:3:animals", seed=2)
+    assert [again() for _ in range(3)] == drawn[:3]  # reproducible
+    for bad in ("cycle:0:scenes", "cycle:x:scenes", "cycle:4", "cycle:4:nowhere"):
+        with pytest.raises(ValueError, match="cycle|unknown prompt source"):
+            get_prompt_fn(bad)
 
 
 # ---------------------------------------------------------------- measures

@@ -50,35 +50,6 @@ class RunSpec:
         return float(self.config.get("train_learning_rate", PXPOConfig.train_learning_rate))
 
 
-class CyclingPrompts:
-    """``prompt_fn`` that returns ``prompts`` in order, over and over, each slot with its own fixed noise.
-
-    With as many prompts as samples per epoch, every epoch rewards the same prompts from the same
-    initial noise (``metadata["seed"] = noise_seed + slot``), so a change in the epoch's mean reward
-    is the policy's doing, not a new draw of prompts or starting points; on the embedded model
-    those alone move a 16-image mean of the colour reward by several hundredths. ``noise_seed=None``
-    leaves the initial noise to the trainer's generator.
-    """
-
-    def __init__(self, prompts: list[str], noise_seed: int | None = None):
-        if not prompts:
-            raise ValueError("CyclingPrompts needs at least one prompt")
-        self.prompts = list(prompts)
-        self.noise_seed = noise_seed
-        self.index = 0
-
-    def __call__(self) -> tuple[str, dict]:
-        slot = self.index % len(self.prompts)
-        self.index += 1
-        return self.prompts[slot], ({} if self.noise_seed is None else {"seed": self.noise_seed + slot})
-
-    def state_dict(self) -> dict:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.index = int(state["index"])
-
-
 @dataclass
 class RunResult:
     spec: RunSpec
@@ -100,7 +71,7 @@ def make_trainer(spec: RunSpec, reward_fn=None, prompt_fn=None, pipeline=None):
     """The :class:`~pxpo_ext.trainer.PXPOTrainer` for ``spec``; ``reward_fn``/``prompt_fn`` override the spec's."""
     from ..rewards import get_reward
     from ..trainer import PXPOConfig, PXPOTrainer, load_pipeline
-    from ..trainer.prompts import PromptSource
+    from ..trainer.prompts import CyclingPrompts, PromptSource
 
     config = PXPOConfig(**{**QUIET_RUN, **spec.config, "algorithm": spec.algorithm, "seed": spec.seed,
                            "num_epochs": spec.epochs, "output_dir": spec.output_dir, "model": spec.model,
