@@ -102,8 +102,8 @@ class Recorder:
         row = dict(date=dt.date.today().isoformat(), device=self.machine, torch=torch.__version__,
                    diffusers=diffusers.__version__, bench=bench, algorithm=setting.get("algorithm", ""),
                    precision=setting.get("precision", ""), batch=setting.get("batch", ""),
-                   resolution=setting.get("resolution", ""), steps=setting.get("steps", ""), metric=metric,
-                   value=round(value, 4), unit=unit)
+                   resolution=setting.get("resolution", ""), steps=setting.get("steps", ""),
+                   variant=setting.get("variant", ""), metric=metric, value=round(value, 4), unit=unit)
         print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("date", "device", "torch", "diffusers")),
               flush=True)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -139,38 +139,82 @@ def synthetic_batch(trainer: PXPOTrainer, batch: int, num_steps: int) -> dict:
             "weights": None if gran == "mean" else torch.ones(batch, h, w, device=dev)}
 
 
-def time_microstep(trainer: PXPOTrainer, batch: int, reps: int, device: str) -> float:
-    """Median milliseconds of one micro-step (forward, loss, backward), gradients cleared between steps."""
+def _microstep_ms(trainer: PXPOTrainer, data: dict, index: torch.Tensor, device: str) -> float:
+    """Milliseconds of one micro-step (forward, loss, backward); gradients are cleared afterwards."""
+    sync(device)
+    t0 = time.perf_counter()
+    trainer.backward_timestep(data, index)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return 1e3 * elapsed
+
+
+def time_microstep(trainer: PXPOTrainer, batch: int, reps: int, device: str, warmup: int = 2) -> float:
+    """Median milliseconds of one micro-step of ``trainer``'s algorithm."""
     steps = len(trainer.scheduler.timesteps)
     data = synthetic_batch(trainer, batch, steps)
     index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
-    times = []
-    for i in range(reps + 2):  # two warm-up steps
-        sync(device)
-        t0 = time.perf_counter()
-        trainer.backward_timestep(data, index)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-        trainer.optimizer.zero_grad(set_to_none=True)
-    return 1e3 * statistics.median(times)
+    times = [_microstep_ms(trainer, data, index, device) for _ in range(warmup + reps)]
+    return statistics.median(times[warmup:])
 
 
 def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
-    """pxpo and ddpo on one trainer: only the log-prob unit and the loss differ between them."""
-    results = {}
-    precision = trainer.config.mixed_precision
-    for algorithm in ("ddpo", "pxpo", "ddpo", "pxpo"):  # interleaved, so drift hits both alike
+    """pxpo and ddpo on one trainer, alternating step by step so that clock drift hits both alike; only the
+    log-prob unit and the loss differ between them."""
+    precision, batch = trainer.config.mixed_precision, args.train_batch
+    steps = len(trainer.scheduler.timesteps)
+    index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
+    data, times = {}, {"ddpo": [], "pxpo": []}
+    for algorithm in times:
         trainer.config.algorithm = algorithm  # backward_timestep reads granularity and clip range from it
-        ms = time_microstep(trainer, args.train_batch, args.reps, args.device)
-        results.setdefault(algorithm, []).append(ms)
+        data[algorithm] = synthetic_batch(trainer, batch, steps)
+    for i in range(2 * (args.reps + 2)):
+        algorithm = "ddpo" if i % 2 == 0 else "pxpo"
+        trainer.config.algorithm = algorithm
+        ms = _microstep_ms(trainer, data[algorithm], index, args.device)
+        if i >= 4:
+            times[algorithm].append(ms)
     trainer.config.algorithm = "pxpo"
-    for algorithm, values in results.items():
-        record("microstep", "ms_per_microstep", min(values), "ms", algorithm=algorithm, precision=precision,
-               batch=args.train_batch, resolution=trainer.image_size)
-    overhead = 100 * (min(results["pxpo"]) / min(results["ddpo"]) - 1)
-    record("microstep", "pxpo_extra_cost", overhead, "%", algorithm="pxpo", precision=precision,
-           batch=args.train_batch, resolution=trainer.image_size)
+    for algorithm, values in times.items():
+        record("microstep", "ms_per_microstep", statistics.median(values), "ms", algorithm=algorithm,
+               precision=precision, batch=batch, resolution=trainer.image_size)
+    overhead = 100 * (statistics.median(times["pxpo"]) / statistics.median(times["ddpo"]) - 1)
+    record("microstep", "pxpo_extra_cost", overhead, "%", algorithm="pxpo", precision=precision, batch=batch,
+           resolution=trainer.image_size)
+
+
+def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
+    """pxpo micro-step and sampling-step time with channels-last UNet weights and cuDNN autotuning, each on
+    and off: two common knobs, measured before deciding whether the trainer should turn them on."""
+    precision, dev = trainer.config.mixed_precision, trainer.accelerator.device
+    unet = trainer._unwrapped_unet
+    for channels_last in (False, True):
+        unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for autotune in (False, True):
+            torch.backends.cudnn.benchmark = autotune
+            variant = f"channels_last={int(channels_last)} cudnn_benchmark={int(autotune)}"
+            ms = time_microstep(trainer, args.train_batch, args.reps, args.device, warmup=3)
+            record("variants", "ms_per_microstep", ms, "ms", algorithm="pxpo", precision=precision,
+                   batch=args.train_batch, resolution=trainer.image_size, variant=variant)
+            batch = trainer.config.sample_batch_size
+            x = torch.randn(batch, *trainer.latent_shape, device=dev)
+            embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+            times = []
+            for _ in range(3):
+                sync(args.device)
+                t0 = time.perf_counter()
+                with trainer.accelerator.autocast():
+                    sample(unet, trainer.pipeline.vae, trainer.scheduler, embeds, trainer.negative_embeds, x,
+                           num_steps=5, eta=1.0, guidance_scale=5.0, granularity="pixel",
+                           generator=torch.Generator().manual_seed(0), dtype=trainer.weight_dtype)
+                sync(args.device)
+                times.append(time.perf_counter() - t0)
+            record("variants", "ms_per_sampling_step", 1e3 * min(times[1:]) / 5, "ms", algorithm="pxpo",
+                   precision=precision, batch=batch, resolution=trainer.image_size, steps=5, variant=variant)
+    unet.to(memory_format=torch.contiguous_format)
+    torch.backends.cudnn.benchmark = False
+    trainer.scheduler.set_timesteps(trainer.config.sample_num_steps)
 
 
 def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str) -> None:
@@ -281,7 +325,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models, 4 steps: a smoke run that fits a CPU")
     p.add_argument("--benches", nargs="+", default=["microstep", "epoch", "scaling"],
-                   choices=["microstep", "epoch", "scaling"])
+                   choices=["microstep", "variants", "epoch", "scaling"])
     p.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "no", choices=list(DTYPES),
                    help="mixed precision (TRL's anchor: fp16; a CPU needs 'no')")
     p.add_argument("--epochs", type=int, default=3, help="pxpo epochs timed (the first one warms up)")
@@ -305,11 +349,15 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     pipe = build_pipeline(args.tiny, args.device, dtype)
     print(f"built the {'tiny' if args.tiny else 'SD-1.5'} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
-    tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1, train_batch_size=2) if args.tiny else {}
-    trainer = make_trainer(pipe, args.device, sample_num_steps=steps, mixed_precision=args.precision,
-                           **{**dict(train_batch_size=args.train_batch), **tiny})
+    if args.tiny:
+        args.train_batch = 2
+    tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else {}
+    options = dict(sample_num_steps=steps, mixed_precision=args.precision, train_batch_size=args.train_batch, **tiny)
+    trainer = make_trainer(pipe, args.device, **options)
     if "microstep" in args.benches:
         bench_microstep(record, trainer, args)
+    if "variants" in args.benches:
+        bench_variants(record, trainer, args)
     if "epoch" in args.benches:
         bench_epochs(record, trainer, args.epochs, args.device)
     if "scaling" in args.benches:
@@ -317,9 +365,7 @@ def main(argv=None) -> None:
     trainer.close()
     if "epoch" in args.benches and args.ddpo_epochs:
         del trainer
-        ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo",
-                            sample_num_steps=steps, mixed_precision=args.precision,
-                            **{**dict(train_batch_size=args.train_batch), **tiny})
+        ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo", **options)
         bench_epochs(record, ddpo, args.ddpo_epochs, args.device)
         ddpo.close()
 

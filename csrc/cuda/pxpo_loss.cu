@@ -24,6 +24,8 @@ namespace {
 
 // A partial row: [sum w * term / (B * W_b), sum w * dlp^2, sum w * [|rho - 1| > eps], W_b or 0].
 constexpr int kStats = 4;
+// Latent channels kept in registers by the pixel-granularity pass (Stable Diffusion has 4).
+constexpr int kCachedChannels = 4;
 
 struct LossShape {
   int64_t batch, channels, packs;  // packs: per channel plane
@@ -91,6 +93,9 @@ __global__ void __launch_bounds__(kThreads)
         store_pack<VEC>(grad, pi, gp);
       }
     } else {
+      // Up to kCachedChannels channels stay in registers between the two passes (fully unrolled
+      // loops with a guard keep the arrays out of local memory); more are read again.
+      Pack<T, VEC> diff[kCachedChannels];
       Pack<T, VEC> acc = fill_pack<VEC>(T(0));
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t pi = (b * channels + c) * packs + v;
@@ -99,6 +104,13 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < VEC; ++k) {
           const T d = static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k]);
           acc.v[k] += d * d;
+        }
+#pragma unroll
+        for (int cc = 0; cc < kCachedChannels; ++cc) {
+          if (cc == c) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) diff[cc].v[k] = static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k]);
+          }
         }
       }
       const Pack<T, VEC> lo = load_pack<VEC>(logp_old, pixel_pack), ap = load_pack<VEC>(adv, pixel_pack);
@@ -110,8 +122,16 @@ __global__ void __launch_bounds__(kThreads)
         accumulate(part, u, wp.v[k]);
         acc.v[k] = u.dterm_dlp * wp.v[k] * g_scale;  // now the pixel's gradient factor
       }
-      // Second read of the pixel's channels: these lines were just loaded, so they come from cache.
-      for (int64_t c = 0; c < channels; ++c) {
+#pragma unroll
+      for (int cc = 0; cc < kCachedChannels; ++cc) {
+        if (cc < channels) {
+          Pack<scalar_t, VEC> gp;
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) gp.v[k] = static_cast<scalar_t>(acc.v[k] * diff[cc].v[k]);
+          store_pack<VEC>(grad, (b * channels + cc) * packs + v, gp);
+        }
+      }
+      for (int64_t c = kCachedChannels; c < channels; ++c) {  // read again (from cache, mostly)
         const int64_t pi = (b * channels + c) * packs + v;
         const Pack<scalar_t, VEC> xp = load_pack<VEC>(x, pi), mp = load_pack<VEC>(mean, pi);
         Pack<scalar_t, VEC> gp;
