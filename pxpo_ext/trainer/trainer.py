@@ -338,13 +338,22 @@ class PXPOTrainer:
         c, acc = self.config, self.accelerator
         t0 = time.time()
         rollouts = self.compute_advantages(self.sample_epoch())
-        n_micro = c.train_num_inner_epochs * (self.samples_per_epoch // c.train_batch_size) * self.timesteps_per_sample
-        with tqdm(total=n_micro, desc=f"epoch {epoch} train", leave=False,
-                  disable=not acc.is_local_main_process) as bar:
-            stats = [s for _ in range(c.train_num_inner_epochs) for s in self._train_inner_epoch(rollouts, bar)]
+        # Every process sees the same gathered count, so all of them skip together (no collective is left waiting).
+        no_feedback = rollouts["stats"]["images_without_feedback"] == self.samples_per_epoch * acc.num_processes
+        if no_feedback:  # the gradient is zero, but an optimiser step would still apply decay and momentum
+            logger.warning("epoch %d: no image got any feedback (all weights 0); its training is skipped", epoch)
+            stats = []
+        else:
+            n_micro = (c.train_num_inner_epochs * (self.samples_per_epoch // c.train_batch_size)
+                       * self.timesteps_per_sample)
+            with tqdm(total=n_micro, desc=f"epoch {epoch} train", leave=False,
+                      disable=not acc.is_local_main_process) as bar:
+                stats = [s for _ in range(c.train_num_inner_epochs) for s in self._train_inner_epoch(rollouts, bar)]
         self.last_train_stats = stats
-        local = torch.stack([torch.stack([s["loss"], s["approx_kl"], s["clipfrac"]]).float() for s in stats]).mean(0)
-        loss, kl, clipfrac = acc.reduce(local.to(acc.device), reduction="mean").tolist()
+        loss = kl = clipfrac = float("nan")
+        if stats:
+            local = torch.stack([torch.stack([s["loss"], s["approx_kl"], s["clipfrac"]]).float() for s in stats])
+            loss, kl, clipfrac = acc.reduce(local.mean(0).to(acc.device), reduction="mean").tolist()
         norms = [s["grad_norm"] for s in stats if "grad_norm" in s]
         self.samples_seen += self.samples_per_epoch * acc.num_processes
         self.epoch = epoch + 1
@@ -353,7 +362,8 @@ class PXPOTrainer:
             **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
             "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
             "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample,
-            "skipped_deterministic_steps": self.skipped_steps, **self.tracker.stats(),
+            "skipped_deterministic_steps": self.skipped_steps, "skipped_without_feedback": no_feedback,
+            **self.tracker.stats(),
             "seconds": time.time() - t0,
         }
         self.reporter.log_epoch(metrics)
