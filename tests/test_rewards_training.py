@@ -22,7 +22,7 @@ def test_train_py_trains_one_epoch_with_a_reward_of_each_kind(tiny_model, tmp_pa
         "--sample-batch-size", "2", "--sample-num-batches-per-epoch", "1", "--train-batch-size", "2",
         "--prompts", "text:a red circle", "--num-eval-images", "0", "--log-images-every", "0", "--save-freq", "0",
         "--reward-workers", "1", "--no-use-tensorboard", "--reward", name,
-        "--reward-kwargs", json.dumps(REWARD_OPTIONS[name]),
+        "--reward-kwargs", json.dumps(REWARD_OPTIONS[name]), "--train-gradient-accumulation-steps", "1",
     ])
     expected_name = REWARD_OPTIONS[name]["function"] if name == "scalar" else name
     assert trainer.epoch == 1 and trainer.reward_name == expected_name
