@@ -159,6 +159,24 @@ def time_microstep(trainer: PXPOTrainer, batch: int, reps: int, device: str, war
     return statistics.median(times[warmup:])
 
 
+def time_sampling_step(trainer: PXPOTrainer, batch: int, device: str, steps: int = 5) -> float:
+    """Milliseconds per guided sampling step (UNet, DDIM step, log-prob), best of two runs after a warm-up."""
+    unet, dev = trainer._unwrapped_unet, trainer.accelerator.device
+    x = torch.randn(batch, *trainer.latent_shape, device=dev)
+    embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+    times = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        with trainer.accelerator.autocast():
+            sample(unet, trainer.pipeline.vae, trainer.scheduler, embeds, trainer.negative_embeds, x,
+                   num_steps=steps, eta=1.0, guidance_scale=5.0, granularity="pixel",
+                   generator=torch.Generator().manual_seed(0), dtype=trainer.weight_dtype)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times[1:]) / steps
+
+
 def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """pxpo and ddpo on one trainer, alternating step by step so that clock drift hits both alike; only the
     log-prob unit and the loss differ between them."""
@@ -187,7 +205,7 @@ def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
 def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """pxpo micro-step and sampling-step time with channels-last UNet weights and cuDNN autotuning, each on
     and off: two common knobs, measured before deciding whether the trainer should turn them on."""
-    precision, dev = trainer.config.mixed_precision, trainer.accelerator.device
+    precision = trainer.config.mixed_precision
     unet = trainer._unwrapped_unet
     for channels_last in (False, True):
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -198,20 +216,9 @@ def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
             record("variants", "ms_per_microstep", ms, "ms", algorithm="pxpo", precision=precision,
                    batch=args.train_batch, resolution=trainer.image_size, variant=variant)
             batch = trainer.config.sample_batch_size
-            x = torch.randn(batch, *trainer.latent_shape, device=dev)
-            embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
-            times = []
-            for _ in range(3):
-                sync(args.device)
-                t0 = time.perf_counter()
-                with trainer.accelerator.autocast():
-                    sample(unet, trainer.pipeline.vae, trainer.scheduler, embeds, trainer.negative_embeds, x,
-                           num_steps=5, eta=1.0, guidance_scale=5.0, granularity="pixel",
-                           generator=torch.Generator().manual_seed(0), dtype=trainer.weight_dtype)
-                sync(args.device)
-                times.append(time.perf_counter() - t0)
-            record("variants", "ms_per_sampling_step", 1e3 * min(times[1:]) / 5, "ms", algorithm="pxpo",
-                   precision=precision, batch=batch, resolution=trainer.image_size, steps=5, variant=variant)
+            record("variants", "ms_per_sampling_step", time_sampling_step(trainer, batch, args.device), "ms",
+                   algorithm="pxpo", precision=precision, batch=batch, resolution=trainer.image_size, steps=5,
+                   variant=variant)
     unet.to(memory_format=torch.contiguous_format)
     torch.backends.cudnn.benchmark = False
     trainer.scheduler.set_timesteps(trainer.config.sample_num_steps)
@@ -240,7 +247,6 @@ def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: st
 def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """Micro-step time and memory over train batch and image size; sampling-step time over sample batch."""
     precision = trainer.config.mixed_precision
-    unet, dev = trainer.unet, trainer.accelerator.device
     base, factor = trainer.latent_size, trainer.image_size // trainer.latent_size
     for latent, batches in ((base, args.scaling_batches),
                             *((side // factor, [args.train_batch]) for side in args.scaling_sizes)):
@@ -259,22 +265,11 @@ def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:
     trainer.latent_shape = (trainer.latent_shape[0], base, base)
     steps = 5
     for batch in args.scaling_batches:
-        x = torch.randn(batch, *trainer.latent_shape, device=dev)
-        embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(3):
-            sync(args.device)
-            t0 = time.perf_counter()
-            with trainer.accelerator.autocast():
-                sample(unet, trainer.pipeline.vae, trainer.scheduler, embeds, trainer.negative_embeds, x,
-                       num_steps=steps, eta=1.0, guidance_scale=5.0, granularity="pixel",
-                       generator=torch.Generator().manual_seed(0), dtype=trainer.weight_dtype)
-            sync(args.device)
-            times.append(time.perf_counter() - t0)
+        ms = time_sampling_step(trainer, batch, args.device, steps)
         setting = dict(algorithm="pxpo", precision=precision, batch=batch, resolution=base * factor, steps=steps)
-        record("scaling", "ms_per_sampling_step", 1e3 * min(times[1:]) / steps, "ms", **setting)
+        record("scaling", "ms_per_sampling_step", ms, "ms", **setting)
         if args.device == "cuda":
             record("scaling", "sampling_peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
 
