@@ -53,24 +53,32 @@ inline ClipBounds<T> clip_bounds(double eps) {
   return ClipBounds<T>{static_cast<T>(1.0 - eps), static_cast<T>(1.0 + eps), static_cast<T>(eps)};
 }
 
+// Largest |lp - lp_old| of a unit the loss uses; pxpo_ext.reference.LOG_RATIO_LIMIT says why 20
+// (exp(20) * A and the gradient's factors stay far inside float32's range).
+constexpr double kLogRatioLimit = 20.0;
+
 // One unit's loss term, its derivative with respect to the unit's log-prob, and the
 // pieces of the statistics. PPO: term = max(-A rho, -A clip(rho)); the gradient flows
 // where the unclipped term is >= the clipped one (so rho exactly at 1 +- eps counts as
-// unclipped). SF: term = -A lp.
+// unclipped). SF: term = -A lp. A unit with |lp - lp_old| > kLogRatioLimit, NaN or infinite
+// is skipped: every field below is zero (selects, not products: 0 * NaN is NaN).
 template <typename T>
 struct UnitLoss {
   T term;
   T dterm_dlp;
   T dlp;       // lp - lp_old, for approx_kl
   bool outside;  // |rho - 1| > eps, for clipfrac
+  bool kept;     // false: skipped, counted in stats[2]
 };
 
 template <typename T>
 PXPO_HD UnitLoss<T> unit_loss(T lp, T lp_old, T adv, ClipBounds<T> clip, int64_t loss_type) {
   UnitLoss<T> u;
-  u.dlp = lp - lp_old;
+  const T dlp = lp - lp_old;
+  u.kept = std::fabs(dlp) <= static_cast<T>(kLogRatioLimit);  // one compare: false for NaN too
+  u.dlp = u.kept ? dlp : T(0);
   const T ratio = std::exp(u.dlp);
-  u.outside = std::fabs(ratio - T(1)) > clip.eps;
+  u.outside = u.kept && std::fabs(ratio - T(1)) > clip.eps;
   if (loss_type == kPPO) {
     const T clamped = ratio < clip.lo ? clip.lo : (ratio > clip.hi ? clip.hi : ratio);
     const T unclipped = -adv * ratio;
@@ -82,7 +90,24 @@ PXPO_HD UnitLoss<T> unit_loss(T lp, T lp_old, T adv, ClipBounds<T> clip, int64_t
     u.term = -adv * lp;
     u.dterm_dlp = -adv;
   }
+  u.term = u.kept ? u.term : T(0);
+  u.dterm_dlp = u.kept ? u.dterm_dlp : T(0);
   return u;
+}
+
+// A unit's gradient factor g = d loss / d lp times its scale (which holds 1 / sigma^2): `value` for a
+// kept unit, 0 for a skipped one by a select, since 1 / sigma^2 can overflow (sigma < ~5e-20 in
+// float32) and 0 * inf is NaN.
+template <typename T>
+PXPO_HD T kept_or_zero(const UnitLoss<T>& u, T value) {
+  return u.kept ? value : T(0);
+}
+
+// d loss / d mean of one element from its unit's factor g and d = x - mean. A skipped unit's d may
+// be NaN or infinite, so a zero factor writes 0 rather than 0 * d.
+template <typename T>
+PXPO_HD T mean_grad(T g, T d) {
+  return g == T(0) ? T(0) : g * d;
 }
 
 // Per-image loss scale 1 / (B * sum of unit weights); 0 for an image with no weight (L_b = 0).

@@ -22,7 +22,8 @@ TORCH_LIBRARY(pxpo, m) {
         tags);
   // Weighted adaptive average pooling of (B, H, W) reward maps to (B, h, w): (reward, weight).
   m.def("reward_to_latent(Tensor reward, Tensor? weight, int h, int w) -> (Tensor, Tensor)", tags);
-  // The fused PXPO loss: (loss, d loss / d mean in mean's dtype, [approx_kl, clipfrac]).
+  // The fused PXPO loss: (loss, d loss / d mean in mean's dtype, [approx_kl, clipfrac, skipped]);
+  // skipped counts the units left out for a NaN, infinite or too large log-ratio (pxpo_math.h).
   m.def(
       "pxpo_loss(Tensor x, Tensor mean, Tensor std, Tensor logp_old, Tensor adv, Tensor? weight, "
       "float clip_range, int granularity, int loss_type) -> (Tensor, Tensor, Tensor)",

@@ -87,7 +87,7 @@ def _register_python_parts() -> None:
     def loss_fake(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type):
         dtype = _compute_dtype(x)
         grad = torch.empty_like(mean, memory_format=torch.contiguous_format)
-        return x.new_empty((), dtype=dtype), grad, x.new_empty((2,), dtype=dtype)
+        return x.new_empty((), dtype=dtype), grad, x.new_empty((3,), dtype=dtype)  # [approx_kl, clipfrac, skipped]
 
     torch.library.register_fake(lib + "pxpo_loss", loss_fake)
     torch.library.register_fake(lib + "pxpo_loss_and_grad", loss_fake)

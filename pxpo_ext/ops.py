@@ -63,8 +63,7 @@ def _std_per_sample(std, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), float(std), dtype=torch.float32, device=device)
     if not isinstance(std, torch.Tensor):
         raise TypeError(f"std must be a float or a tensor, got {type(std).__name__}")
-    if std.device != device:
-        raise ValueError(f"std is on {std.device} but the latents are on {device}")
+    _expect_device("std", std, device)
     if std.numel() == 1:
         std = std.reshape(1).expand(batch)
     elif std.numel() == batch and all(s == 1 for s in std.shape[1:]) and std.shape[0] == batch:
@@ -82,14 +81,19 @@ def _std_per_sample(std, batch: int, device: torch.device) -> torch.Tensor:
     return std
 
 
+def _expect_device(label: str, t: torch.Tensor, device, other: str = "the latents are") -> None:
+    """Refuse a tensor on another device before any kernel runs (or, for reward_to_latent, a silent copy)."""
+    if t.device != device:
+        raise ValueError(f"{label} is on {t.device} but {other} on {device}; move them to the same device")
+
+
 def _expect_shape(label: str, t: torch.Tensor, shapes: Sequence[tuple], device, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) not in [tuple(s) for s in shapes]:
         options = " or ".join(str(tuple(s)) for s in shapes)
         raise ValueError(f"{label} must have shape {options} ({what}), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{label} is on {t.device} but the latents are on {device}")
+    _expect_device(label, t, device)
     if not t.dtype.is_floating_point:
         raise TypeError(f"{label} must be a floating tensor, got {t.dtype}")
 
@@ -149,6 +153,8 @@ def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, so
         raise ValueError(f"{source} returned an empty batch of rewards")
     reward = reward.float() if reward.dtype != torch.float64 else reward
     if weight is not None:
+        if isinstance(weight, torch.Tensor):
+            _expect_device("weight", weight, reward.device, "reward is")
         weight = torch.as_tensor(weight, device=reward.device)
         if weight.dim() == 4 and weight.shape[1] == 1:
             weight = weight[:, 0]
@@ -223,12 +229,15 @@ def pxpo_loss(x_prev, mean, std, logp_old, advantages, weight=None, clip_range: 
     weights (differentiable); ``std``: scalar or ``(B,)``; ``logp_old``: log-probs stored at
     sampling, shaped by ``granularity``; ``advantages``: ``(B, h, w)`` (or ``(B, C, h, w)`` for
     ``"element"``, ``(B,)`` for ``"mean"``); ``weight``: optional ``(B, h, w)`` latent weights.
-    Returns ``(loss, stats)`` with ``stats["approx_kl"]`` and ``stats["clipfrac"]`` as 0-dim tensors.
-    One fused pass computes the loss and the gradient into ``mean``; backward scales it.
+    Returns ``(loss, stats)`` with ``stats["approx_kl"]``, ``stats["clipfrac"]`` and ``stats["skipped"]``
+    as 0-dim tensors (on the latents' device: reading them waits for it). ``skipped`` counts the units
+    (elements, pixels or images, by ``granularity``) whose log-ratio ``logp - logp_old`` is NaN, infinite
+    or beyond ``reference.LOG_RATIO_LIMIT`` in size; they add nothing to the loss, the gradient or the
+    other statistics. One fused pass computes the loss and the gradient into ``mean``; backward scales it.
     """
     args = _loss_args(x_prev, mean, std, logp_old, advantages, weight, clip_range, granularity, loss_type)
     loss, stats = _backend.select(x_prev.device).pxpo_loss(*args)
-    return loss, {"approx_kl": stats[0], "clipfrac": stats[1]}
+    return loss, _stats_dict(stats)
 
 
 def pxpo_loss_and_grad(x_prev, mean, std, logp_old, advantages, weight=None, clip_range: float = DEFAULT_CLIP_RANGE,
@@ -242,13 +251,18 @@ def pxpo_loss_and_grad(x_prev, mean, std, logp_old, advantages, weight=None, cli
         mean = mean.detach()
     args = _loss_args(x_prev, mean, std, logp_old, advantages, weight, clip_range, granularity, loss_type)
     loss, grad, stats = _backend.select(x_prev.device).pxpo_loss_and_grad(*args)
-    return loss, grad, {"approx_kl": stats[0], "clipfrac": stats[1]}
+    return loss, grad, _stats_dict(stats)
+
+
+def _stats_dict(stats: torch.Tensor) -> dict:
+    """The backends' ``[approx_kl, clipfrac, skipped]`` as named 0-dim views (no copy, no device wait)."""
+    return {"approx_kl": stats[0], "clipfrac": stats[1], "skipped": stats[2]}
 
 
 def ddpo_loss(x_prev, mean, std, logp_old, advantages, clip_range: float = DDPO_CLIP_RANGE, loss_type: str = "ppo"):
     """DDPO's per-image loss: mean log-prob over all latent elements, one ratio per image.
 
     The same code path as :func:`pxpo_loss` with ``granularity="mean"``, so the two compare on
-    equal terms. ``logp_old`` and ``advantages`` are ``(B,)``.
+    equal terms. ``logp_old`` and ``advantages`` are ``(B,)``; ``stats["skipped"]`` counts images.
     """
     return pxpo_loss(x_prev, mean, std, logp_old, advantages, None, clip_range, "mean", loss_type)

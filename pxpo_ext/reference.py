@@ -25,6 +25,14 @@ GRANULARITIES = {"element": ELEMENT, "pixel": PIXEL, "mean": MEAN}
 PPO, SF = 0, 1
 LOSS_TYPES = {"ppo": PPO, "sf": SF}
 
+# A unit whose log-ratio d = logp - logp_old has |d| > LOG_RATIO_LIMIT, or is NaN or infinite (an fp16
+# overflow in the model, a corrupt logp_old), is skipped: no loss, no gradient, no statistics, and counted
+# in stats[2]. exp(20) ~ 4.9e8 leaves float32 (max ~3.4e38, exp overflows past d ~ 88.7) about 29 orders
+# of magnitude of headroom for A * exp(d) and the gradient's 1 / (sigma^2 * sum w) factors, while a policy
+# that moved one unit's probability by e^20 carries no usable signal (PPO clips at 1 +- eps long before).
+# Every backend reads this value: csrc/pxpo_math.h (kLogRatioLimit) mirrors it, Triton imports it.
+LOG_RATIO_LIMIT = 20.0
+
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -89,43 +97,65 @@ def _unit_advantages(adv: torch.Tensor, logp: torch.Tensor, granularity: int) ->
     return adv
 
 
+def _per_element(units: torch.Tensor, granularity: int) -> torch.Tensor:
+    """A per-unit tensor, broadcastable against the ``(B, C, h, w)`` latents."""
+    if granularity == MEAN:
+        return units.reshape(-1, 1, 1, 1)
+    return units.unsqueeze(1) if granularity == PIXEL else units
+
+
+def kept_units(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Units the loss uses: ``|d| <= LOG_RATIO_LIMIT``, which is False for NaN and +-inf as well."""
+    return log_ratio.abs() <= LOG_RATIO_LIMIT
+
+
 def pxpo_loss(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
     """The PXPO loss (SPEC §5), differentiable in ``mean`` through autograd.
 
-    Returns ``(loss, stats)``: a 0-dim loss and ``stats = [approx_kl, clipfrac]``. With
+    Returns ``(loss, stats)``: a 0-dim loss and ``stats = [approx_kl, clipfrac, skipped]``. Units
+    outside :func:`kept_units` add 0 to the loss numerators, the gradient and the statistics (the
+    per-image weight sums keep them) and ``skipped`` counts them, unweighted. With
     ``granularity=MEAN`` this is exactly DDPO's per-image clipped loss.
     """
-    logp = gaussian_logprob(x, mean, std, granularity)
+    logp_old = logp_old.to(_compute_dtype(mean))
+    with torch.no_grad():
+        keep = kept_units(gaussian_logprob(x, mean, std, granularity) - logp_old)
+    # Skipped units read mean = x, so that nothing non-finite enters the graph: autograd's backward
+    # would turn a zero incoming gradient times a NaN or infinite local derivative into NaN.
+    logp = gaussian_logprob(x, torch.where(_per_element(keep, granularity), mean, x.detach().to(mean.dtype)), std,
+                            granularity)
     wts = _unit_weights(weight, logp, granularity)
     a = _unit_advantages(adv, logp, granularity)
-    logp_old = logp_old.to(logp.dtype)
     batch = logp.shape[0]
     per_image = tuple(range(1, logp.dim()))
     wsum_b = wts.sum(dim=per_image) if per_image else wts
     safe_wsum_b = torch.where(wsum_b > 0, wsum_b, torch.ones_like(wsum_b))
+    dl = torch.where(keep, logp - logp_old, torch.zeros_like(logp))
     if loss_type == PPO:
-        ratio = torch.exp(logp - logp_old)
+        ratio = torch.exp(dl)
         unclipped = -a * ratio
         clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         term = torch.maximum(unclipped, clipped)
     elif loss_type == SF:
-        ratio = torch.exp(logp.detach() - logp_old)
+        ratio = torch.exp(dl.detach())
         term = -a * logp
     else:
         raise ValueError(f"unknown loss_type code {loss_type}")
+    term = torch.where(keep, term, torch.zeros_like(term))
     num_b = (wts * term).sum(dim=per_image) if per_image else wts * term
     loss = (num_b / safe_wsum_b).sum() / batch
     with torch.no_grad():
         total_w = wts.sum()
         safe_total = torch.where(total_w > 0, total_w, torch.ones_like(total_w))
-        dl = (logp - logp_old).detach()
-        approx_kl = 0.5 * (wts * dl**2).sum() / safe_total
-        clipfrac = (wts * ((ratio.detach() - 1.0).abs() > clip_range).to(wts.dtype)).sum() / safe_total
-    return loss, torch.stack([approx_kl, clipfrac])
+        approx_kl = 0.5 * (wts * dl.detach() ** 2).sum() / safe_total
+        outside = keep & ((ratio.detach() - 1.0).abs() > clip_range)
+        clipfrac = (wts * outside.to(wts.dtype)).sum() / safe_total
+        skipped = (~keep).sum().to(loss.dtype)
+    return loss, torch.stack([approx_kl, clipfrac, skipped])
 
 
 def pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
-    """Loss, its gradient with respect to ``mean`` (in ``mean``'s dtype) and ``stats = [approx_kl, clipfrac]``.
+    """Loss, its gradient with respect to ``mean`` (in ``mean``'s dtype) and ``stats``, as :func:`pxpo_loss`.
 
     The contract of every backend's fused kernel, derived here by autograd from ``pxpo_loss``.
     """

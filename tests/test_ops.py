@@ -165,6 +165,7 @@ def test_pxpo_loss_matches_reference(backend, device, loss_type, granularity, dt
     torch.testing.assert_close(loss.float(), want_loss.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stats["approx_kl"].float(), want_stats[0].float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(stats["clipfrac"].float(), want_stats[1].float(), atol=1e-5, rtol=1e-4)
+    assert stats["skipped"].item() == 0 == want_stats[2].item()  # tests/test_numerical_guards.py has skipped units
     assert m.grad.dtype == dtype
     assert_close(m.grad, want_grad, dtype, scale=want_grad.abs().max())
 
@@ -232,6 +233,7 @@ def test_all_zero_weights_give_zero_loss_and_gradient(backend, device):
     loss, grad, stats = pxpo_ext.pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, 0.1)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     assert stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+    assert stats["skipped"].item() == 0.0
 
 
 # ---------------------------------------------------------------- identities of SPEC §5

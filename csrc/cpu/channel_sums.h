@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "../pxpo_math.h"
+
 namespace pxpo::cpu {
 
 template <typename scalar_t, typename T>
@@ -20,8 +22,8 @@ inline void accumulate_sq_over_channels(const scalar_t* __restrict x, const scal
   }
 }
 
-// grad_mean = g * (x - mean) for every channel of a run of pixels; g[p - p0] already holds
-// d loss / d lp times 1 / sigma^2.
+// grad_mean = g * (x - mean) for every channel of a run of pixels (pxpo::mean_grad: 0 where g is 0,
+// whatever x - mean is); g[p - p0] already holds d loss / d lp times 1 / sigma^2.
 template <typename scalar_t, typename T>
 inline void scatter_pixel_grad(const scalar_t* __restrict x, const scalar_t* __restrict mean, const T* __restrict g,
                                int64_t channels, int64_t pixels, int64_t p0, int64_t p1, scalar_t* __restrict grad) {
@@ -29,7 +31,7 @@ inline void scatter_pixel_grad(const scalar_t* __restrict x, const scalar_t* __r
     const int64_t off = c * pixels;
     for (int64_t p = p0; p < p1; ++p) {
       const T d = static_cast<T>(x[off + p]) - static_cast<T>(mean[off + p]);
-      grad[off + p] = static_cast<scalar_t>(g[p - p0] * d);
+      grad[off + p] = static_cast<scalar_t>(mean_grad(g[p - p0], d));
     }
   }
 }

@@ -19,15 +19,17 @@
 namespace pxpo::cpu {
 namespace {
 
-// Weighted sums of one chunk: sum w * term, sum w * (lp - lp_old)^2, sum w * [|rho - 1| > eps].
+// Sums of one chunk: sum w * term, sum w * (lp - lp_old)^2, sum w * [|rho - 1| > eps], and the
+// number of skipped units (unweighted).
 struct Partial {
-  double loss = 0, kl = 0, clip = 0;
+  double loss = 0, kl = 0, clip = 0, skipped = 0;
 
   template <typename T>
   void add(const UnitLoss<T>& u, T w) {
     loss += static_cast<double>(w * u.term);
     kl += static_cast<double>(w * u.dlp * u.dlp);
     clip += u.outside ? static_cast<double>(w) : 0.0;
+    skipped += u.kept ? 0.0 : 1.0;
   }
 };
 
@@ -83,7 +85,7 @@ std::vector<Partial> spatial_pass(const LossArgs<scalar_t, T>& a, const std::vec
           const T w = a.weight ? a.weight[pix + p] : T(1);
           const UnitLoss<T> u = unit_loss(lp, a.logp_old[off + p], adv, a.clip, a.loss_type);
           part.add(u, w);
-          a.grad[off + p] = static_cast<scalar_t>(u.dterm_dlp * w * g_scale * d);
+          a.grad[off + p] = static_cast<scalar_t>(mean_grad(kept_or_zero(u, u.dterm_dlp * w * g_scale), d));
         }
       }
     } else {
@@ -95,7 +97,7 @@ std::vector<Partial> spatial_pass(const LossArgs<scalar_t, T>& a, const std::vec
         const T w = a.weight ? a.weight[pix + p] : T(1);
         const UnitLoss<T> u = unit_loss(lp, a.logp_old[pix + p], a.adv[pix + p], a.clip, a.loss_type);
         part.add(u, w);
-        sq[p - p0] = u.dterm_dlp * w * g_scale;  // reuse the buffer for the per-pixel gradient factor
+        sq[p - p0] = kept_or_zero(u, u.dterm_dlp * w * g_scale);  // reuse the buffer for the gradient factor
       }
       scatter_pixel_grad(a.x + base, a.mean + base, sq, a.channels, a.pixels, p0, p1, a.grad + base);
     }
@@ -129,7 +131,7 @@ std::vector<Partial> image_pass(const LossArgs<scalar_t, T>& a) {
     const T lp = -static_cast<T>(acc / n) * s.half_inv_var - s.log_norm;
     const UnitLoss<T> u = unit_loss(lp, a.logp_old[b], a.adv[b], a.clip, a.loss_type);
     partials[b].add(u, T(1));
-    g[b] = u.dterm_dlp / static_cast<T>(a.batch) * s.inv_var / static_cast<T>(n);
+    g[b] = kept_or_zero(u, u.dterm_dlp / static_cast<T>(a.batch) * s.inv_var / static_cast<T>(n));
   }
   for_each_task(tasks.count, kPixelsPerTask * a.channels, [&](int64_t t) {
     const int64_t b = tasks.image(t), p0 = tasks.begin(t), p1 = tasks.end(t);
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cpu(const at::Tensor& x
   const at::Tensor weight = weight_in.has_value() ? as_compute(*weight_in, dt) : at::Tensor();
   at::Tensor grad = at::empty_like(mean, at::MemoryFormat::Contiguous);
   at::Tensor loss = at::empty({}, x.options().dtype(dt));
-  at::Tensor stats = at::empty({2}, x.options().dtype(dt));
+  at::Tensor stats = at::empty({3}, x.options().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pxpo_loss_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const LossArgs<scalar_t, T> a{x.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
@@ -169,13 +171,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cpu(const at::Tensor& x
     const std::vector<Partial> partials = granularity == kMean ? image_pass(a) : spatial_pass(a, scale);
     // Chunks are ordered by image, so each image's chunks are one contiguous run.
     const int64_t per_image = static_cast<int64_t>(partials.size()) / a.batch;
-    double total = 0, kl = 0, clip = 0, total_w = 0;
+    double total = 0, kl = 0, clip = 0, skipped = 0, total_w = 0;
     for (int64_t b = 0; b < a.batch; ++b) {
       double num = 0;
       for (int64_t t = b * per_image; t < (b + 1) * per_image; ++t) {
         num += partials[t].loss;
         kl += partials[t].kl;
         clip += partials[t].clip;
+        skipped += partials[t].skipped;
       }
       total += wsum[b] > 0 ? num / wsum[b] : 0.0;
       total_w += wsum[b];
@@ -184,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cpu(const at::Tensor& x
     loss.mutable_data_ptr<T>()[0] = static_cast<T>(total / static_cast<double>(a.batch));
     stats.mutable_data_ptr<T>()[0] = static_cast<T>(0.5 * kl / safe_w);
     stats.mutable_data_ptr<T>()[1] = static_cast<T>(clip / safe_w);
+    stats.mutable_data_ptr<T>()[2] = static_cast<T>(skipped);
   });
   return {loss, grad, stats};
 }

@@ -22,8 +22,9 @@
 namespace pxpo::cuda {
 namespace {
 
-// A partial row: [sum w * term / (B * W_b), sum w * dlp^2, sum w * [|rho - 1| > eps], W_b or 0].
-constexpr int kStats = 4;
+// A partial row: [sum w * term / (B * W_b), sum w * dlp^2, sum w * [|rho - 1| > eps], skipped units,
+// W_b or 0].
+constexpr int kStats = 5;
 // Latent channels kept in registers by the pixel-granularity pass (Stable Diffusion has 4).
 constexpr int kCachedChannels = 4;
 
@@ -39,6 +40,7 @@ __device__ __forceinline__ void accumulate(T (&part)[kStats], const UnitLoss<T>&
   part[0] += w * u.term;
   part[1] += w * u.dlp * u.dlp;
   part[2] += u.outside ? w : T(0);
+  part[3] += u.kept ? T(0) : T(1);
 }
 
 template <typename scalar_t, typename T, int VEC, bool ELEMENT>
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t per_slice = ceil_div(packs, shape.slices);
   const int64_t v_end = min(packs, (slice + 1) * per_slice);
-  T part[kStats] = {T(0), T(0), T(0), T(0)};
+  T part[kStats] = {T(0), T(0), T(0), T(0), T(0)};
   for (int64_t v = slice * per_slice + threadIdx.x; v < v_end; v += kThreads) {
     const int64_t pixel_pack = b * packs + v;
     const Pack<T, VEC> wp = weight != nullptr ? load_pack<VEC>(weight, pixel_pack) : fill_pack<VEC>(T(1));
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
           const T lp = -d * d * s.half_inv_var - s.log_norm;
           const UnitLoss<T> u = unit_loss(lp, lo.v[k], ap.v[k], clip, shape.loss_type);
           accumulate(part, u, wp.v[k]);
-          gp.v[k] = static_cast<scalar_t>(u.dterm_dlp * wp.v[k] * g_scale * d);
+          gp.v[k] = static_cast<scalar_t>(mean_grad(kept_or_zero(u, u.dterm_dlp * wp.v[k] * g_scale), d));
         }
         store_pack<VEC>(grad, pi, gp);
       }
@@ -120,14 +122,14 @@ __global__ void __launch_bounds__(kThreads)
         const T lp = -acc.v[k] * s.half_inv_var - norm;
         const UnitLoss<T> u = unit_loss(lp, lo.v[k], ap.v[k], clip, shape.loss_type);
         accumulate(part, u, wp.v[k]);
-        acc.v[k] = u.dterm_dlp * wp.v[k] * g_scale;  // now the pixel's gradient factor
+        acc.v[k] = kept_or_zero(u, u.dterm_dlp * wp.v[k] * g_scale);  // now the pixel's gradient factor
       }
 #pragma unroll
       for (int cc = 0; cc < kCachedChannels; ++cc) {
         if (cc < channels) {
           Pack<scalar_t, VEC> gp;
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) gp.v[k] = static_cast<scalar_t>(acc.v[k] * diff[cc].v[k]);
+          for (int k = 0; k < VEC; ++k) gp.v[k] = static_cast<scalar_t>(mean_grad(acc.v[k], diff[cc].v[k]));
           store_pack<VEC>(grad, (b * channels + cc) * packs + v, gp);
         }
       }
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
         Pack<scalar_t, VEC> gp;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          gp.v[k] = static_cast<scalar_t>(acc.v[k] * (static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k])));
+          gp.v[k] = static_cast<scalar_t>(mean_grad(acc.v[k], static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k])));
         }
         store_pack<VEC>(grad, pi, gp);
       }
@@ -149,7 +151,8 @@ __global__ void __launch_bounds__(kThreads)
     row[0] = part[0] * scale;
     row[1] = part[1];
     row[2] = part[2];
-    row[3] = slice == 0 ? wsum : T(0);  // counted once per image
+    row[3] = part[3];
+    row[4] = slice == 0 ? wsum : T(0);  // counted once per image
   }
 }
 
@@ -176,12 +179,14 @@ __global__ void __launch_bounds__(kThreads)
   const StdTerms<T> s = std_terms(std_b[b]);
   const T lp = -(sq[0] / n) * s.half_inv_var - s.log_norm;
   const UnitLoss<T> u = unit_loss(lp, logp_old[b], adv[b], clip, loss_type);
-  const T g = u.dterm_dlp / static_cast<T>(batch) * s.inv_var / n;
+  const T g = kept_or_zero(u, u.dterm_dlp / static_cast<T>(batch) * s.inv_var / n);
   for (int64_t v = threadIdx.x; v < image_packs; v += kThreads) {
     const Pack<scalar_t, VEC> xp = load_pack<VEC>(x, base + v), mp = load_pack<VEC>(mean, base + v);
     Pack<scalar_t, VEC> gp;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) gp.v[k] = static_cast<scalar_t>(g * (static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k])));
+    for (int k = 0; k < VEC; ++k) {
+      gp.v[k] = static_cast<scalar_t>(mean_grad(g, static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k])));
+    }
     store_pack<VEC>(grad, base + v, gp);
   }
   if (threadIdx.x == 0) {
@@ -189,26 +194,28 @@ __global__ void __launch_bounds__(kThreads)
     row[0] = u.term / static_cast<T>(batch);
     row[1] = u.dlp * u.dlp;
     row[2] = u.outside ? T(1) : T(0);
-    row[3] = T(1);
+    row[3] = u.kept ? T(0) : T(1);
+    row[4] = T(1);
   }
 }
 
-// Adds the partial rows in a fixed order (in double) into loss and [approx_kl, clipfrac].
+// Adds the partial rows in a fixed order (in double) into loss and [approx_kl, clipfrac, skipped].
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const T* __restrict__ partials, int64_t rows, T* __restrict__ loss, T* __restrict__ stats) {
   __shared__ double shared[kWarps * kStats];
-  double acc[kStats] = {0.0, 0.0, 0.0, 0.0};
+  double acc[kStats] = {0.0, 0.0, 0.0, 0.0, 0.0};
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
 #pragma unroll
     for (int k = 0; k < kStats; ++k) acc[k] += static_cast<double>(partials[r * kStats + k]);
   }
   block_sum(acc, shared);
   if (threadIdx.x == 0) {
-    const double total_w = acc[3] > 0 ? acc[3] : 1.0;
+    const double total_w = acc[4] > 0 ? acc[4] : 1.0;
     loss[0] = static_cast<T>(acc[0]);
     stats[0] = static_cast<T>(0.5 * acc[1] / total_w);
     stats[1] = static_cast<T>(acc[2] / total_w);
+    stats[2] = static_cast<T>(acc[3]);
   }
 }
 
@@ -236,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cuda(const at::Tensor& 
   const at::Tensor weight = weight_in.has_value() ? as_compute(*weight_in, dt) : at::Tensor();
   at::Tensor grad = at::empty_like(mean, at::MemoryFormat::Contiguous);
   at::Tensor loss = at::empty({}, x.options().dtype(dt));
-  at::Tensor stats = at::empty({2}, x.options().dtype(dt));
+  at::Tensor stats = at::empty({3}, x.options().dtype(dt));
   const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
   const int device = x.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

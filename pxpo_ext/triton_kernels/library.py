@@ -51,7 +51,7 @@ def reward_to_latent(reward: Tensor, weight: Optional[Tensor], h: int, w: int) -
 @torch.library.triton_op("pxpo_triton::pxpo_loss", mutates_args=())
 def pxpo_loss(x: Tensor, mean: Tensor, std: Tensor, logp_old: Tensor, adv: Tensor, weight: Optional[Tensor],
               clip_range: float, granularity: int, loss_type: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, dL/dmean, stats)`` from the fused kernel."""
+    """``(loss, dL/dmean, [approx_kl, clipfrac, skipped])`` from the fused kernel."""
     return loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range, granularity, loss_type)
 
 

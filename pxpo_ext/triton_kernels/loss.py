@@ -5,8 +5,8 @@ Launches per call: two.
 1. The main kernel. Pixel/element granularity: program ``(b, s)`` first sums image ``b``'s
    weights (the per-image normaliser the gradient needs; a ``(h, w)`` float32 row, cheap next
    to the ``(C, h, w)`` latents), then walks its pixel blocks: log-prob, ratio, clipped term,
-   ``dL/dmean`` stored in ``mean``'s dtype, and four per-program partial sums (loss, weighted
-   squared log-ratio, weighted clip count, weight). Mean granularity (DDPO): one program per
+   ``dL/dmean`` stored in ``mean``'s dtype, and five per-program partial sums (loss, weighted
+   squared log-ratio, weighted clip count, skipped units, weight). Mean granularity (DDPO): one program per
    image, which needs the whole image's log-prob before any gradient: a reduction loop, then
    a gradient loop (the second read of the image hits L2).
 2. ``_finalize_kernel``: one program sums the partials in a fixed order, so the result is
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ELEMENT, MEAN, element_logprob, ppo_terms, tile_offsets
+from .common import ELEMENT, MEAN, element_logprob, mean_grad, ppo_terms, tile_offsets
 from .launch import launch, num_warps, plane_is_flat, split_per_image, tile_shape
 
 
@@ -53,6 +53,7 @@ def _loss_kernel(
     acc_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_clip = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_skip = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_P], dtype=tl.float32)
     for p0 in range(s * BLOCK_P, HW, split * BLOCK_P):
         offs_p = tl.multiple_of(p0, BLOCK_P) + tl.arange(0, BLOCK_P)
@@ -75,27 +76,30 @@ def _loss_kernel(
             else:
                 adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)[None, :]
             wu = tl.where(mask, wt[None, :], 0.0)
-            term, dterm, dl, is_clipped = ppo_terms(lp, lp_old, adv, lo, hi, eps, LOSS_TYPE)
+            term, dterm, dl, is_clipped, kept = ppo_terms(lp, lp_old, adv, lo, hi, eps, LOSS_TYPE)
             g = dterm * wu * scale
             acc_loss += tl.sum(wu * term, axis=0)
             acc_kl += tl.sum(wu * dl * dl, axis=0)
             acc_clip += tl.sum(tl.where(is_clipped, wu, 0.0), axis=0)
+            acc_skip += tl.sum(tl.where(mask & ~kept, 1.0, 0.0), axis=0)
             acc_w += tl.sum(wu, axis=0)
         else:
             lp_old = tl.load(lpo_ptr + pix, mask=mask_p, other=0.0)
             adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)
-            term, dterm, dl, is_clipped = ppo_terms(tl.sum(lp, axis=0), lp_old, adv, lo, hi, eps, LOSS_TYPE)
+            term, dterm, dl, is_clipped, kept = ppo_terms(tl.sum(lp, axis=0), lp_old, adv, lo, hi, eps, LOSS_TYPE)
             g = (dterm * wt * scale)[None, :]
             acc_loss += wt * term
             acc_kl += wt * dl * dl
             acc_clip += tl.where(is_clipped, wt, 0.0)
+            acc_skip += tl.where(mask_p & ~kept, 1.0, 0.0)
             acc_w += wt
-        tl.store(grad_ptr + elem, (g * d / var).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + elem, mean_grad(g, d / var).to(grad_ptr.dtype.element_ty), mask=mask)
     slot = b * split + s
     tl.store(part_ptr + slot, tl.sum(acc_loss) * scale)
     tl.store(part_ptr + num_programs + slot, tl.sum(acc_kl))
     tl.store(part_ptr + 2 * num_programs + slot, tl.sum(acc_clip))
-    tl.store(part_ptr + 3 * num_programs + slot, tl.sum(acc_w))
+    tl.store(part_ptr + 3 * num_programs + slot, tl.sum(acc_skip))
+    tl.store(part_ptr + 4 * num_programs + slot, tl.sum(acc_w))
 
 
 @triton.jit
@@ -122,29 +126,32 @@ def _ddpo_loss_kernel(
         m = tl.load(mean_ptr + tile_offsets(b64, offs_c, offs_p, W, smb, smc, smh, smw, M_FLAT), mask=mask, other=0.0)
         lp = element_logprob(x.to(tl.float32) - m.to(tl.float32), var, log_std)
         total += tl.sum(tl.where(mask, lp, 0.0), axis=0)
-    term, dterm, dl, is_clipped = ppo_terms(tl.sum(total) * inv_units, tl.load(lpo_ptr + b), tl.load(adv_ptr + b),
-                                            lo, hi, eps, LOSS_TYPE)
-    coef = dterm * inv_batch * inv_units / var
+    term, dterm, dl, is_clipped, kept = ppo_terms(tl.sum(total) * inv_units, tl.load(lpo_ptr + b),
+                                                  tl.load(adv_ptr + b), lo, hi, eps, LOSS_TYPE)
+    coef = tl.where(kept, dterm * inv_batch * inv_units / var, 0.0)  # 0 / var is NaN where var underflows to 0
     for p0 in range(0, HW, BLOCK_P):
         offs_p = tl.multiple_of(p0, BLOCK_P) + tl.arange(0, BLOCK_P)
         mask = mask_c[:, None] & (offs_p < HW)[None, :]
         x = tl.load(x_ptr + tile_offsets(b64, offs_c, offs_p, W, sxb, sxc, sxh, sxw, X_FLAT), mask=mask, other=0.0)
         m = tl.load(mean_ptr + tile_offsets(b64, offs_c, offs_p, W, smb, smc, smh, smw, M_FLAT), mask=mask, other=0.0)
-        grad = coef * (x.to(tl.float32) - m.to(tl.float32))
+        grad = mean_grad(coef, x.to(tl.float32) - m.to(tl.float32))
         tl.store(grad_ptr + b64 * C * HW + offs_c[:, None] * HW + offs_p[None, :],
                  grad.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + b, term * inv_batch)
     tl.store(part_ptr + num_programs + b, dl * dl)
     tl.store(part_ptr + 2 * num_programs + b, tl.where(is_clipped, 1.0, 0.0))
-    tl.store(part_ptr + 3 * num_programs + b, 1.0)
+    tl.store(part_ptr + 3 * num_programs + b, tl.where(kept, 0.0, 1.0))
+    tl.store(part_ptr + 4 * num_programs + b, 1.0)
 
 
 @triton.jit
 def _finalize_kernel(part_ptr, loss_ptr, stats_ptr, num_programs, BLOCK: tl.constexpr):
-    """loss = sum of partials; approx_kl and clipfrac are weighted means over all units of the batch."""
+    """loss = sum of partials; approx_kl and clipfrac are weighted means over all units of the batch,
+    skipped a count."""
     acc_loss = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
     acc_clip = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_skip = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, num_programs, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
@@ -152,16 +159,18 @@ def _finalize_kernel(part_ptr, loss_ptr, stats_ptr, num_programs, BLOCK: tl.cons
         acc_loss += tl.load(part_ptr + offs, mask=mask, other=0.0)
         acc_kl += tl.load(part_ptr + num_programs + offs, mask=mask, other=0.0)
         acc_clip += tl.load(part_ptr + 2 * num_programs + offs, mask=mask, other=0.0)
-        acc_w += tl.load(part_ptr + 3 * num_programs + offs, mask=mask, other=0.0)
+        acc_skip += tl.load(part_ptr + 3 * num_programs + offs, mask=mask, other=0.0)
+        acc_w += tl.load(part_ptr + 4 * num_programs + offs, mask=mask, other=0.0)
     total_w = tl.sum(acc_w)
     safe_w = tl.where(total_w > 0, total_w, 1.0)
     tl.store(loss_ptr, tl.sum(acc_loss))
     tl.store(stats_ptr, 0.5 * tl.sum(acc_kl) / safe_w)
     tl.store(stats_ptr + 1, tl.sum(acc_clip) / safe_w)
+    tl.store(stats_ptr + 2, tl.sum(acc_skip))
 
 
 def loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granularity: int, loss_type: int):
-    """``(loss 0-dim float32, grad (B, C, h, w) in mean's dtype, stats (2,) float32)`` in two launches.
+    """``(loss 0-dim float32, grad (B, C, h, w) in mean's dtype, stats (3,) float32)`` in two launches.
 
     ``logp_old``, ``adv`` and ``weight`` are contiguous float32 in the shapes of the normalised
     form (:mod:`pxpo_ext.reference`); ``x`` and ``mean`` may be strided.
@@ -177,12 +186,12 @@ def loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granul
                 BLOCK_P=block_p, num_warps=num_warps(block_c * block_p))
     if granularity == MEAN:
         split = 1
-        partials = torch.empty((4, batch), dtype=torch.float32, device=x.device)
+        partials = torch.empty((5, batch), dtype=torch.float32, device=x.device)
         launch(_ddpo_loss_kernel, (batch,), x, mean, std, logp_old, adv, grad, partials,
                channels, w, hw, batch, 1.0 / batch, 1.0 / (channels * hw), *bounds, *x.stride(), *mean.stride(), **meta)
     else:
         split = split_per_image(batch, triton.cdiv(hw, block_p), x.device)
-        partials = torch.empty((4, batch * split), dtype=torch.float32, device=x.device)
+        partials = torch.empty((5, batch * split), dtype=torch.float32, device=x.device)
         has_weight = weight is not None
         launch(_loss_kernel, (batch, split), x, mean, std, logp_old, adv, weight.contiguous() if has_weight else adv,
                grad, partials, channels, w, hw, split, batch * split, 1.0 / batch,
@@ -191,7 +200,7 @@ def loss_and_grad(x, mean, std, logp_old, adv, weight, clip_range: float, granul
                GRAN=granularity, HAS_WEIGHT=has_weight, ADV_PER_ELEMENT=granularity == ELEMENT and adv.dim() == 4,
                **meta)
     loss = torch.empty((), dtype=torch.float32, device=x.device)
-    stats = torch.empty((2,), dtype=torch.float32, device=x.device)
+    stats = torch.empty((3,), dtype=torch.float32, device=x.device)
     num_programs = batch * split
     launch(_finalize_kernel, (1,), partials, loss, stats, num_programs,
            BLOCK=min(1024, triton.next_power_of_2(num_programs)), num_warps=4)
