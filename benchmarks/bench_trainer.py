@@ -42,6 +42,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pxpo_ext import embedded
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer
+from pxpo_ext.trainer.config import COMPILE_MODES
 from pxpo_ext.trainer.sampling import sample
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,6 +116,11 @@ class Recorder:
             writer.writerow(row)
 
 
+def variant_name(args) -> str:
+    """The CSV's variant column for the trainer's own settings ("" for the plain eager trainer)."""
+    return "" if args.compile == "no" else f"compile={args.compile}"
+
+
 def make_trainer(pipe, device: str, **overrides) -> PXPOTrainer:
     settings = dict(sample_num_steps=50, sample_batch_size=8, sample_num_batches_per_epoch=2, train_batch_size=4,
                     mixed_precision="fp16", num_eval_images=0, log_images_every=0, save_freq=0, use_tensorboard=False,
@@ -177,12 +183,29 @@ def time_sampling_step(trainer: PXPOTrainer, batch: int, device: str, steps: int
     return 1e3 * min(times[1:]) / steps
 
 
+def _gpu_busy_ms(trainer: PXPOTrainer, data: dict, index: torch.Tensor, reps: int) -> float:
+    """Summed kernel time of one micro-step (profiler): unlike wall time, idle gaps and clock jitter between
+    launches do not count, so two algorithms that launch the same UNet kernels compare closely."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            trainer.backward_timestep(data, index)
+            trainer.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / reps / 1e3
+
+
 def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """pxpo and ddpo on one trainer, alternating step by step so that clock drift hits both alike; only the
-    log-prob unit and the loss differ between them."""
+    log-prob unit and the loss differ between them. Wall time: median and quartiles over ``--reps`` steps of
+    each; on a GPU also the summed kernel time per step from the profiler."""
     precision, batch = trainer.config.mixed_precision, args.train_batch
     steps = len(trainer.scheduler.timesteps)
     index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
+    setting = dict(precision=precision, batch=batch, resolution=trainer.image_size, variant=variant_name(args))
     data, times = {}, {"ddpo": [], "pxpo": []}
     for algorithm in times:
         trainer.config.algorithm = algorithm  # backward_timestep reads granularity and clip range from it
@@ -193,13 +216,22 @@ def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
         ms = _microstep_ms(trainer, data[algorithm], index, args.device)
         if i >= 4:
             times[algorithm].append(ms)
-    trainer.config.algorithm = "pxpo"
     for algorithm, values in times.items():
-        record("microstep", "ms_per_microstep", statistics.median(values), "ms", algorithm=algorithm,
-               precision=precision, batch=batch, resolution=trainer.image_size)
+        q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        record("microstep", "ms_per_microstep", median, "ms", algorithm=algorithm, **setting)
+        record("microstep", "ms_per_microstep_q1", q1, "ms", algorithm=algorithm, **setting)
+        record("microstep", "ms_per_microstep_q3", q3, "ms", algorithm=algorithm, **setting)
     overhead = 100 * (statistics.median(times["pxpo"]) / statistics.median(times["ddpo"]) - 1)
-    record("microstep", "pxpo_extra_cost", overhead, "%", algorithm="pxpo", precision=precision, batch=batch,
-           resolution=trainer.image_size)
+    record("microstep", "pxpo_extra_cost", overhead, "%", algorithm="pxpo", **setting)
+    if args.device == "cuda":
+        busy = {}
+        for algorithm in times:
+            trainer.config.algorithm = algorithm
+            busy[algorithm] = _gpu_busy_ms(trainer, data[algorithm], index, max(3, args.reps // 4))
+            record("microstep", "gpu_busy_ms_per_microstep", busy[algorithm], "ms", algorithm=algorithm, **setting)
+        record("microstep", "pxpo_extra_gpu_busy", 100 * (busy["pxpo"] / busy["ddpo"] - 1), "%", algorithm="pxpo",
+               **setting)
+    trainer.config.algorithm = "pxpo"
 
 
 def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
@@ -224,10 +256,10 @@ def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
     trainer.scheduler.set_timesteps(trainer.config.sample_num_steps)
 
 
-def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str) -> None:
+def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str, variant: str = "") -> None:
     c = trainer.config
     setting = dict(algorithm=c.algorithm, precision=c.mixed_precision, batch=c.sample_batch_size,
-                   resolution=trainer.image_size, steps=c.sample_num_steps)
+                   resolution=trainer.image_size, steps=c.sample_num_steps, variant=variant)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -329,6 +361,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed micro-steps per measurement")
     p.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 768], help="image sides besides the base")
+    p.add_argument("--compile", default="no", choices=COMPILE_MODES, help="the trainer's compile_unet setting")
     p.add_argument("--out", default="benchmarks/results/trainer.csv")
     p.add_argument("--plot", metavar="CSV", help="only draw the scaling figure of this CSV")
     p.add_argument("--figure", default="docs/figures/trainer_scaling.png")
@@ -347,21 +380,22 @@ def main(argv=None) -> None:
     if args.tiny:
         args.train_batch = 2
     tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else {}
-    options = dict(sample_num_steps=steps, mixed_precision=args.precision, train_batch_size=args.train_batch, **tiny)
+    options = dict(sample_num_steps=steps, mixed_precision=args.precision, train_batch_size=args.train_batch,
+                   compile_unet=args.compile, **tiny)
     trainer = make_trainer(pipe, args.device, **options)
     if "microstep" in args.benches:
         bench_microstep(record, trainer, args)
     if "variants" in args.benches:
         bench_variants(record, trainer, args)
     if "epoch" in args.benches:
-        bench_epochs(record, trainer, args.epochs, args.device)
+        bench_epochs(record, trainer, args.epochs, args.device, variant_name(args))
     if "scaling" in args.benches:
         bench_scaling(record, trainer, args)
     trainer.close()
     if "epoch" in args.benches and args.ddpo_epochs:
         del trainer
         ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo", **options)
-        bench_epochs(record, ddpo, args.ddpo_epochs, args.device)
+        bench_epochs(record, ddpo, args.ddpo_epochs, args.device, variant_name(args))
         ddpo.close()
 
 

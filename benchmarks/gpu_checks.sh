@@ -8,8 +8,8 @@
 # Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path runs
 # that anchor script; PRETRAIN_ARGS="..." trains the embedded model in the background during the
 # build and tests (python/pretrain_tiny.py), before any timing starts; ONLY="stage names" runs
-# just those stages (build kernel-tests bench-ops bench-trainer bench-variants trl-anchor
-# bench-scaling); OPS_BATCHES and TRAINER_ARGS change those benchmarks' sizes and options.
+# just those stages (build kernel-tests bench-ops bench-variants bench-microstep bench-compiled
+# bench-trainer trl-anchor bench-scaling); OPS_BATCHES and TRAINER_ARGS change those benchmarks' sizes and options.
 # Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json, and tiny-gpu.tar when
 # pretraining ran.
 set -u
@@ -72,6 +72,10 @@ stage bench-ops 90 280 python3 benchmarks/bench_ops.py --device cuda --batch ${O
   --min-time 0.05 --out "$OUT/ops.csv"
 # shellcheck disable=SC2086
 stage bench-variants 60 250 python3 benchmarks/bench_trainer.py --benches microstep variants --out "$OUT/trainer.csv"
+# Eager against compiled UNet (the trainer's compile_unet): micro-steps of both algorithms, then whole epochs.
+stage bench-microstep 60 330 python3 benchmarks/bench_trainer.py --benches microstep --reps 20 --out "$OUT/trainer.csv"
+stage bench-compiled 300 140 python3 benchmarks/bench_trainer.py --compile default --benches microstep epoch --reps 20 \
+  --epochs 3 --ddpo-epochs 0 --out "$OUT/trainer.csv"
 # shellcheck disable=SC2086
 stage bench-trainer 130 170 python3 benchmarks/bench_trainer.py --benches microstep epoch --ddpo-epochs 0 \
   ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"

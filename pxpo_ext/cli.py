@@ -491,6 +491,7 @@ def sample_main(argv: Sequence[str] | None = None):
     from .rewards import normalize_output
     from .rewards.base import reward_name
     from .trainer import load_pipeline
+    from .trainer.lora import load_lora, read_lora
 
     parser = build_sample_parser()
     args = parser.parse_args(argv)
@@ -504,12 +505,20 @@ def sample_main(argv: Sequence[str] | None = None):
         parser.error(problem)
     if args.lora and not Path(args.lora).exists():
         parser.error(f"--lora {args.lora!r} does not exist; pass the folder that train.py wrote (e.g. runs/pxpo/lora)")
+    if args.lora:  # a missing or corrupt file fails before the (slow) model load; whether it fits, after
+        try:
+            read_lora(args.lora)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     reward_fn = _sample_reward(args, parser)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = _load_model(load_pipeline, "sample.py", args.model, device=device, dtype=getattr(torch, args.dtype))
     if args.lora:
-        pipe.load_lora_weights(args.lora)
+        try:
+            load_lora(pipe, args.lora)
+        except ValueError as err:  # a LoRA made for another model
+            raise SystemExit(f"sample.py: error: {err}") from None
     jobs = [(p, args.seed + k) for k, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
     size = {} if args.resolution is None else {"height": args.resolution, "width": args.resolution}
     chunks = []

@@ -449,6 +449,109 @@ def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
         make_trainer(trained.config.model, tmp_path / "c", resume_from=resume, use_lora=False)
 
 
+# ------------------------------------------------------------------ LoRA files given to sample.py
+def _lora_of_another_unet(folder, **changes) -> Path:
+    """A LoRA saved by pxpo for tests/tiny_pipeline.py's UNet with ``changes`` to its configuration."""
+    from diffusers import UNet2DConditionModel
+
+    from pxpo_ext.trainer.lora import add_lora, save_lora
+
+    config = {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
+              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "attention_head_dim": 8, "norm_num_groups": 32}
+    unet = UNet2DConditionModel(**{**config, **changes})
+    add_lora(unet, rank=4)
+    save_lora(unet, folder, rank=4)
+    return Path(folder)
+
+
+def _lora_file(folder, weights: dict) -> Path:
+    Path(folder).mkdir()
+    save_file(weights, Path(folder) / "pytorch_lora_weights.safetensors")
+    return Path(folder)
+
+
+_TEXT_LAYER = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda folder: _lora_of_another_unet(folder, cross_attention_dim=48),
+     (r"it targets unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.lora_A\.weight with "
+      r"shape \(4, 48\) but this model's layer needs \(4, 32\) \(8 of its 64 weights do not fit\)")),
+    (lambda folder: _lora_of_another_unet(folder, layers_per_block=2),
+     (r"it targets unet\.down_blocks\.0\.attentions\.1\.transformer_blocks\.0\.attn1\.to_k, which this model does "
+      r"not have \(32 of its 96 weights target missing layers\)")),
+    (lambda folder: _lora_file(folder, {f"{_TEXT_LAYER}.lora_A.weight": torch.zeros(4, 48),
+                                        f"{_TEXT_LAYER}.lora_B.weight": torch.zeros(32, 4)}),
+     (r"it targets text_encoder\..*q_proj\.lora_A\.weight with shape \(4, 48\) but this model's layer needs "
+      r"\(4, 32\) \(1 of its 2 weights do not fit\)")),
+    (lambda folder: _lora_file(folder, {"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+                                        "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}),
+     r"2 of its 2 weights are for no part of this pipeline, e.g. 'transformer\.blocks\.0\.attn\.to_q\.lora_A\.weight'"),
+], ids=["wider-cross-attention", "more-layers", "wider-text-encoder", "another-kind-of-model"])
+def test_a_lora_for_another_architecture_is_refused_before_it_loads(trained, tmp_path, make, message):
+    """diffusers alone loads "more-layers" and "another-kind-of-model" without an error (it skips what does not
+    fit) and fails on "wider-cross-attention" with a raw state_dict traceback."""
+    from pxpo_ext.trainer import load_pipeline
+    from pxpo_ext.trainer.lora import load_lora
+
+    other = make(tmp_path / "lora")
+    pipe = load_pipeline(trained.config.model)
+    with pytest.raises(ValueError, match=rf"LoRA '.*pytorch_lora_weights.safetensors' does not fit this model: "
+                                         rf"{message}; it was trained for another model"):
+        load_lora(pipe, other)
+    assert not getattr(pipe.unet, "peft_config", None)  # nothing was loaded
+    load_lora(pipe, Path(trained.config.output_dir) / "lora")  # the LoRA trained on this model fits
+    assert list(pipe.unet.peft_config) == ["default_0"]
+
+
+def test_sample_py_names_a_lora_for_another_model(trained, tmp_path):
+    from pxpo_ext import cli
+
+    other = _lora_of_another_unet(tmp_path / "lora", cross_attention_dim=48)
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit, match=r"^sample\.py: error: LoRA .* does not fit this model: it targets "
+                                         r"unet\..*attn2\.to_k\.lora_A\.weight with shape \(4, 48\)"):
+        cli.sample_main(["--model", trained.config.model, "--prompt", "a red circle", "--num-steps", "1",
+                         "--lora", str(other), "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "is corrupt or not a safetensors file"),
+    ("garbage", "is corrupt or not a safetensors file"),
+    ("no-file", "has no pytorch_lora_weights.safetensors; pass the folder train.py wrote"),
+    ("not-a-lora", "is not a LoRA file: 'conv_in.weight' is not a LoRA weight"),
+])
+def test_a_missing_or_corrupt_lora_is_named_before_any_model_loads(trained, tmp_path, capsys, monkeypatch, damage,
+                                                                   message):
+    import shutil
+
+    from pxpo_ext import cli
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the LoRA file was checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_model_load)
+
+    folder = tmp_path / "lora"
+    shutil.copytree(Path(trained.config.output_dir) / "lora", folder)
+    file = folder / "pytorch_lora_weights.safetensors"
+    if damage == "truncate":
+        file.write_bytes(file.read_bytes()[:200])
+    elif damage == "garbage":
+        file.write_bytes(b"\x00garbage" * 64)
+    elif damage == "no-file":
+        file.unlink()
+    else:
+        save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, file)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.sample_main(["--model", trained.config.model, "--prompt", "x", "--lora", str(folder),
+                         "--out", str(tmp_path / "grid.png")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ failed writes damage nothing
 def _disk_fills_after_half(real):
     """A writer that writes half its file, then fails as a full disk does."""

@@ -59,6 +59,7 @@ def test_end_to_end_run_is_on_policy_at_first_step(tiny_model, tmp_path, algorit
     for m in history:
         for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "seconds", "loss"):
             assert isinstance(m[key], float) and m[key] == m[key], key
+        assert m["skipped_overflow_units"] == 0
     stats = trainer.last_train_stats  # 2 inner epochs x 3 timesteps of one minibatch, one optimiser step each
     assert stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0  # the ratio is exactly 1 before any update
     # the update lowers the surrogate loss on the same rollouts: the gradient's sign reaches the optimiser intact
@@ -164,12 +165,55 @@ def test_reward_errors_name_the_function(tiny_model, tmp_path):
     trainer.close()
 
 
+def _first_minibatch(trainer):
+    rollouts = trainer.compute_advantages(trainer.sample_epoch())
+    batch = {k: rollouts[k] for k in ("embeds", "latents", "log_probs", "timesteps", "advantages", "weights")}
+    return batch, trainer.train_step_indices[:1].expand(len(rollouts["prompts"]))
+
+
+def _scale_outputs(graph, example_inputs):
+    """A torch.compile backend that miscompiles on purpose: every output of the graph x 1.5."""
+    def run(*args):
+        return [o * 1.5 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in graph(*args)]
+    return run
+
+
+@pytest.mark.parametrize("backend, agrees", [("aot_eager", True), (_scale_outputs, False)])
+def test_compiled_gradient_is_checked_against_eager(tiny_model, tmp_path, backend, agrees):
+    trainer = make_trainer(tiny_model, tmp_path / "run")
+    batch, index = _first_minibatch(trainer)
+    trainer._unwrapped_unet.compile(backend=backend, dynamic=False)
+    if agrees:
+        assert trainer.check_compiled_gradient(batch, index) < 1e-5
+    else:
+        with pytest.raises(RuntimeError, match="differs from the eager one by .*train with compile_unet=.no."):
+            trainer.check_compiled_gradient(batch, index)
+    assert all(p.grad is None for p in trainer.params)  # the check leaves nothing to be stepped
+    trainer.close()
+
+
+def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path):
+    """compile_unet with the real compiler: the first micro-step checks the compiled gradient, so an epoch either
+    trains on one that matches eager or stops with the check's error (torch 2.13's CPU inductor miscompiles this
+    UNet's backward: some LoRA layers get zero gradient)."""
+    trainer = make_trainer(tiny_model, tmp_path / "run", compile_unet="default")
+    try:
+        trainer.step(0)
+    except RuntimeError as error:
+        assert "differs from the eager one" in str(error)
+    else:
+        assert trainer.global_step == 1
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"algorithm": "ppo"}, "algorithm"),
     ({"sample_eta": 0.0}, "eta"),
     ({"loss_type": "sf", "train_num_inner_epochs": 2}, "sf"),
     ({"train_batch_size": 3}, "train_batch_size"),
     ({"train_gradient_accumulation_steps": 2}, "accumulation"),
+    ({"compile_unet": "yes"}, "compile_unet"),
 ])
 def test_config_errors_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

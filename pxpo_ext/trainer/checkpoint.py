@@ -14,6 +14,8 @@ main process only would leave the others waiting). Files go to a temporary sibli
 are fsynced, and the folder is renamed into place, so a crash never leaves a half-written
 checkpoint under the final name; a write that fails (a full disk) removes its temporary folder
 and says which checkpoint it could not write, and the previous checkpoints stay as they were.
+The processes tell each other at every barrier whether they succeeded, so a write that fails on
+one process makes all of them raise instead of leaving the others waiting.
 
 Nothing is unpickled: the ``.pt`` files hold only tensors, numbers, strings and containers of
 them (the numpy RNG state is stored as a tensor) and are read with ``torch.load(weights_only=True)``.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -117,24 +120,60 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def raise_if_any_failed(accelerator, error: Exception | None, action: str) -> None:
+    """A barrier at which every process learns whether any process failed to ``action`` (e.g. "save '<folder>'").
+
+    The process that failed raises its ``error``; the others raise an error naming it and its message
+    (an ``OSError`` with the same errno when it was one, so every process can handle it alike) instead of
+    waiting forever at the next barrier for a process that has given up.
+    """
+    report = None if error is None else (isinstance(error, OSError), getattr(error, "errno", None),
+                                         getattr(error, "strerror", None) or str(error))
+    reports = gather_object([report]) if accelerator.num_processes > 1 else [report]
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            is_os_error, code, message = report
+            who = "the main process" if rank == 0 else f"process {rank}"
+            text = f"{who} failed to {action}: {message}; this process stops too"
+            if not is_os_error:
+                raise RuntimeError(text)
+            raise OSError(code, text) if code is not None else OSError(text)
+
+
+def on_main_process(accelerator, work, action: str) -> None:
+    """``work()`` on the main process, then :func:`raise_if_any_failed` on every process."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001  (any failure must reach the other processes)
+            error = caught
+    raise_if_any_failed(accelerator, error, action)
+
+
 def save_checkpoint(folder, accelerator, *, trainable: dict[str, torch.Tensor], optimizer: dict, lr_scheduler: dict,
                     stat_tracker: dict, trainer_state: dict, rng_state: dict, write_extra=None) -> Path:
     """Write a checkpoint to ``folder`` atomically; call it on every process.
 
     ``write_extra(tmp_folder)`` (main process only) may add files, e.g. the diffusers LoRA.
     An ``OSError`` (a full disk, no permission) removes the temporary folder and is raised again
-    with a message naming ``folder``; earlier checkpoints are never touched.
+    with a message naming ``folder``; earlier checkpoints are never touched. A failure on any process
+    makes every process raise (see :func:`raise_if_any_failed`), none waits for the others forever.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
-    try:
+
+    def prepare():
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        written = [tmp / f"rng_state_{accelerator.process_index}.pt"]
-        torch.save(rng_state, written[0])
+
+    def write():
+        rng_file = tmp / f"rng_state_{accelerator.process_index}.pt"
+        torch.save(rng_state, rng_file)
         if accelerator.is_main_process:
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / WEIGHTS_FILE)
             torch.save(optimizer, tmp / "optimizer.pt")
@@ -143,9 +182,9 @@ def save_checkpoint(folder, accelerator, *, trainable: dict[str, torch.Tensor], 
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, default=str))
             if write_extra is not None:
                 write_extra(tmp)
-        for path in written:
-            _fsync(path)
-        accelerator.wait_for_everyone()
+        _fsync(rng_file)
+
+    def publish():
         if accelerator.is_main_process:
             for path in tmp.iterdir():
                 _fsync(path)
@@ -156,14 +195,25 @@ def save_checkpoint(folder, accelerator, *, trainable: dict[str, torch.Tensor], 
             tmp.rename(folder)
             _fsync(folder.parent)
             shutil.rmtree(old, ignore_errors=True)
-    except _WRITE_ERRORS as error:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.is_dir() and not folder.exists():  # failed between the two renames: put the old copy back
-                with contextlib.suppress(OSError):  # if even that fails, list_checkpoints still finds it
-                    old.rename(folder)
-        raise _write_error(error, "checkpoint", folder) from error
-    accelerator.wait_for_everyone()
+
+    for step in (prepare, write, publish):  # every process finishes each step before any starts the next
+        error = None
+        try:
+            step()
+        except Exception as caught:  # noqa: BLE001  (any failure must reach the other processes)
+            error = caught
+            if isinstance(caught, _WRITE_ERRORS):
+                error = _write_error(caught, "checkpoint", folder)
+                error.__cause__ = caught
+        try:
+            raise_if_any_failed(accelerator, error, f"save checkpoint {str(folder)!r}")
+        except Exception:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if old.is_dir() and not folder.exists():  # failed between the two renames: put the old copy back
+                    with contextlib.suppress(OSError):  # if even that fails, list_checkpoints still finds it
+                        old.rename(folder)
+            raise
     return folder
 
 

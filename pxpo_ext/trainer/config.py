@@ -15,6 +15,7 @@ GRANULARITIES = ("pixel", "element")
 BASELINES = ("group", "location")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _help(text: str, choices: tuple = (), **kwargs):
@@ -87,6 +88,9 @@ class PXPOConfig:
     mixed_precision: str = _help("'no', 'fp16' or 'bf16' for the frozen model; log-probs stay float32", default="no",
                                  choices=MIXED_PRECISION)
     allow_tf32: bool = _help("allow TF32 matmuls on Ampere or newer GPUs", default=True)
+    compile_unet: str = _help("torch.compile the UNet with this mode ('no': eager). The first epoch pays the "
+                              "compilation (a minute or more at SD-1.5 scale); see BENCHMARKS.md for what it gains",
+                              default="no", choices=COMPILE_MODES)
 
     # Output.
     save_freq: int = _help("write a checkpoint every this many epochs (0: only at the end)", default=5)
@@ -110,6 +114,7 @@ class PXPOConfig:
         choice("advantage_baseline", BASELINES)
         choice("mixed_precision", MIXED_PRECISION)
         choice("train_lr_scheduler", LR_SCHEDULERS)
+        choice("compile_unet", COMPILE_MODES)
         for name in ("num_epochs", "sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch",
                      "train_batch_size", "train_gradient_accumulation_steps", "train_num_inner_epochs",
                      "stat_buffer_size", "lora_rank", "reward_workers"):

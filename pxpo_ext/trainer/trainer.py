@@ -142,6 +142,12 @@ class PXPOTrainer:
         # Wrap the UNet itself, the module every forward calls, so DDP averages its (LoRA) gradients.
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.params = params
+        if c.compile_unet != "no":
+            # In place, after LoRA and wrapping: every caller (sampling, training, DDP) runs the compiled forward and
+            # parameter names stay those of the plain module. Static shapes: sampling, training and evaluation each
+            # compile once for their own batch, which beats one dynamic-shape graph for all three.
+            unet.compile(mode=c.compile_unet, dynamic=False)
+        self._compiled_gradient_unchecked = c.compile_unet != "no"
 
         self.tracker = StatTracker(c.per_prompt_stat_tracking, c.stat_buffer_size, c.stat_min_count,
                                    c.advantage_baseline, c.train_adv_clip_max)
@@ -283,8 +289,12 @@ class PXPOTrainer:
         """Loss of one minibatch at one (per-sample) step index; accumulates its gradient.
 
         ``batch`` holds per-sample ``embeds``, ``latents`` (B, T+1, ...), ``log_probs``,
-        ``timesteps``, ``advantages`` and ``weights``.
+        ``timesteps``, ``advantages`` and ``weights``. With ``compile_unet`` the first call first runs
+        :meth:`check_compiled_gradient`.
         """
+        if self._compiled_gradient_unchecked:
+            self._compiled_gradient_unchecked = False
+            self.check_compiled_gradient(batch, step_index)
         c = self.config
         rows = torch.arange(len(step_index), device=step_index.device)
         x_t = batch["latents"][rows, step_index]
@@ -302,7 +312,34 @@ class PXPOTrainer:
         # through accelerate, which scales it for fp16 and divides it over the accumulation steps.
         self.accelerator.backward((mean * grad).sum())
         # 0-dim tensors, read once per epoch: a .item() per micro-step would make the host wait for the GPU.
-        return {"loss": loss.detach(), "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"]}
+        return {"loss": loss.detach(), "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"],
+                "skipped": stats["skipped"]}
+
+    def check_compiled_gradient(self, batch: dict, step_index: torch.Tensor, tolerance: float = 0.05) -> float:
+        """The compiled UNet's gradient against the eager one on this micro-step; raises if they disagree.
+
+        Compilers have shipped silent miscompilations of backward passes (torch 2.13's CPU inductor gives
+        some LoRA layers of a whole compiled UNet zero gradient), and a wrong gradient would train silently,
+        so ``compile_unet`` is checked once before it is trusted. Returns the relative difference of the
+        flattened trainable gradients; leaves no gradient behind.
+        """
+        self._compiled_gradient_unchecked = False
+        grads = []
+        for stance in ("force_eager", "default"):
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.compiler.set_stance(stance):
+                self.backward_timestep(batch, step_index)
+            grads.append(torch.cat([p.grad.float().flatten() for p in self.params if p.grad is not None]))
+        self.optimizer.zero_grad(set_to_none=True)
+        eager, compiled = grads
+        difference = ((compiled - eager).norm() / eager.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+        if not difference <= tolerance:  # also catches NaN
+            raise RuntimeError(
+                f"compile_unet={self.config.compile_unet!r}: the compiled UNet's gradient differs from the eager one by "
+                f"{difference:.1%} (tolerance {tolerance:.0%}) on this machine (torch {torch.__version__}), a compiler "
+                "bug that would train silently wrong; train with compile_unet='no'")
+        logger.info("compile_unet: the compiled gradient matches the eager one (relative difference %.2e)", difference)
+        return difference
 
     def _train_inner_epoch(self, rollouts: dict, progress=None) -> list[dict]:
         c, acc = self.config, self.accelerator
@@ -351,9 +388,17 @@ class PXPOTrainer:
                 stats = [s for _ in range(c.train_num_inner_epochs) for s in self._train_inner_epoch(rollouts, bar)]
         self.last_train_stats = stats
         loss = kl = clipfrac = float("nan")
+        skipped = 0
         if stats:
             local = torch.stack([torch.stack([s["loss"], s["approx_kl"], s["clipfrac"]]).float() for s in stats])
             loss, kl, clipfrac = acc.reduce(local.mean(0).to(acc.device), reduction="mean").tolist()
+            # Units the loss left out because their log-ratio overflowed (|log ratio| > LOG_RATIO_LIMIT or not
+            # finite), summed over micro-steps and processes: never silent.
+            skipped = int(acc.reduce(torch.stack([s["skipped"] for s in stats]).sum().float().to(acc.device),
+                                     reduction="sum").item())
+            if skipped:
+                logger.warning("epoch %d: %d log-prob unit(s) skipped because their log-ratio overflowed", epoch,
+                               skipped)
         norms = [s["grad_norm"] for s in stats if "grad_norm" in s]
         self.samples_seen += self.samples_per_epoch * acc.num_processes
         self.epoch = epoch + 1
@@ -361,7 +406,7 @@ class PXPOTrainer:
             "epoch": epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
             **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
             "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
-            "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample,
+            "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample, "skipped_overflow_units": skipped,
             "skipped_deterministic_steps": self.skipped_steps, "skipped_without_feedback": no_feedback,
             **self.tracker.stats(),
             "seconds": time.time() - t0,
@@ -418,13 +463,16 @@ class PXPOTrainer:
         or the full UNet under ``folder/unet``. Call it on every process."""
         acc, c = self.accelerator, self.config
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            # Each file is written aside and renamed into place: a crash or a full disk never leaves half a file.
+
+        def write(tmp):
             if c.use_lora:
-                ckpt.replace_files(folder, lambda tmp: save_lora(self._unwrapped_unet, tmp, c.lora_rank, c.lora_alpha))
+                save_lora(self._unwrapped_unet, tmp, c.lora_rank, c.lora_alpha)
             else:
-                ckpt.replace_files(folder, lambda tmp: self._unwrapped_unet.save_pretrained(Path(tmp) / "unet"))
-        acc.wait_for_everyone()
+                self._unwrapped_unet.save_pretrained(Path(tmp) / "unet")
+
+        # Each file is written aside and renamed into place: a crash or a full disk never leaves half a file.
+        # A failure on the main process makes every process raise; none waits for it forever.
+        ckpt.on_main_process(acc, lambda: ckpt.replace_files(folder, write), f"save weights to {str(folder)!r}")
 
     def save_checkpoint(self, folder) -> Path:
         """Weights, optimiser, schedule, stat tracker, counters and RNG states; call it on every process."""
@@ -441,9 +489,8 @@ class PXPOTrainer:
             rng_state=ckpt.capture_rng({"sampler": self.generator.get_state(), "prompts": prompt_state}),
             write_extra=(lambda tmp: save_lora(self._unwrapped_unet, tmp, c.lora_rank, c.lora_alpha))
             if c.use_lora else None)
-        if acc.is_main_process:
-            ckpt.prune(c.output_dir, c.num_checkpoint_limit)
-        acc.wait_for_everyone()
+        ckpt.on_main_process(acc, lambda: ckpt.prune(c.output_dir, c.num_checkpoint_limit),
+                             f"prune old checkpoints of {str(c.output_dir)!r}")
         return path
 
     def _resume(self, where) -> None:
