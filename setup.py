@@ -85,7 +85,9 @@ def default_arch_list() -> None:
 def extension():
     cpp_sources, cuda_sources = native_sources()
     opt = ["-O0", "-g"] if _flag("PXPO_DEBUG") else ["-O3"]
-    cxx = opt + [f'-DPXPO_VERSION="{package_version()}"']
+    # -fno-trapping-math: the CPU kernels never read the floating-point exception flags, and without it GCC
+    # will not turn their per-unit selects into branch-free code, so their loops stay scalar (docs/build.md).
+    cxx = opt + ["-fno-trapping-math", f'-DPXPO_VERSION="{package_version()}"']
     link = []
     if torch.backends.openmp.is_available():
         cxx.append("-fopenmp")  # at::parallel_for compiles to OpenMP only with it

@@ -9,6 +9,9 @@
 
 #if defined(__CUDACC__)
 #define PXPO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, so that the CPU kernels' inner loops have no calls and can be vectorised.
+#define PXPO_HD inline __attribute__((always_inline))
 #else
 #define PXPO_HD inline
 #endif
@@ -62,37 +65,50 @@ constexpr double kLogRatioLimit = 20.0;
 // where the unclipped term is >= the clipped one (so rho exactly at 1 +- eps counts as
 // unclipped). SF: term = -A lp. A unit with |lp - lp_old| > kLogRatioLimit, NaN or infinite
 // is skipped: every field below is zero (selects, not products: 0 * NaN is NaN).
+// The flags are int32_t (0 or 1), not bool: GCC keeps a struct's bool fields in memory, which
+// stops it from vectorising the CPU kernels' loops over units.
 template <typename T>
 struct UnitLoss {
   T term;
   T dterm_dlp;
-  T dlp;       // lp - lp_old, for approx_kl
-  bool outside;  // |rho - 1| > eps, for clipfrac
-  bool kept;     // false: skipped, counted in stats[2]
+  T dlp;            // lp - lp_old, for approx_kl
+  int32_t outside;  // |rho - 1| > eps, for clipfrac
+  int32_t kept;     // 0: skipped, counted in stats[2]
 };
 
-template <typename T>
-PXPO_HD UnitLoss<T> unit_loss(T lp, T lp_old, T adv, ClipBounds<T> clip, int64_t loss_type) {
-  UnitLoss<T> u;
-  const T dlp = lp - lp_old;
-  u.kept = std::fabs(dlp) <= static_cast<T>(kLogRatioLimit);  // one compare: false for NaN too
-  u.dlp = u.kept ? dlp : T(0);
-  const T ratio = std::exp(u.dlp);
-  u.outside = u.kept && std::fabs(ratio - T(1)) > clip.eps;
+// The exp that unit_loss uses by default. It is only ever given |v| <= kLogRatioLimit (skipped units
+// pass 0), so a caller may pass a faster one valid on that range: the CPU kernels pass
+// pxpo::cpu::VecExp (csrc/cpu/vec_exp.h), which the compiler can vectorise.
+struct StdExp {
+  template <typename T>
+  PXPO_HD T operator()(T v) const {
+    return std::exp(v);
+  }
+};
+
+// Locals first and one aggregate at the end, with no short-circuit operators, so that a loop
+// calling this is branch-free once inlined.
+template <typename T, typename Exp = StdExp>
+PXPO_HD UnitLoss<T> unit_loss(T lp, T lp_old, T adv, ClipBounds<T> clip, int64_t loss_type, Exp exp_fn = Exp{}) {
+  const T diff = lp - lp_old;
+  const bool kept = std::fabs(diff) <= static_cast<T>(kLogRatioLimit);  // one compare: false for NaN too
+  const T dlp = kept ? diff : T(0);
+  const T ratio = exp_fn(dlp);
+  const bool outside = kept & (std::fabs(ratio - T(1)) > clip.eps);
+  T term, dterm_dlp;
   if (loss_type == kPPO) {
     const T clamped = ratio < clip.lo ? clip.lo : (ratio > clip.hi ? clip.hi : ratio);
     const T unclipped = -adv * ratio;
     const T clipped = -adv * clamped;
     const bool flows = unclipped >= clipped;
-    u.term = flows ? unclipped : clipped;
-    u.dterm_dlp = flows ? unclipped : T(0);
+    term = flows ? unclipped : clipped;
+    dterm_dlp = flows ? unclipped : T(0);
   } else {
-    u.term = -adv * lp;
-    u.dterm_dlp = -adv;
+    term = -adv * lp;
+    dterm_dlp = -adv;
   }
-  u.term = u.kept ? u.term : T(0);
-  u.dterm_dlp = u.kept ? u.dterm_dlp : T(0);
-  return u;
+  return UnitLoss<T>{kept ? term : T(0), kept ? dterm_dlp : T(0), dlp, static_cast<int32_t>(outside),
+                     static_cast<int32_t>(kept)};
 }
 
 // A unit's gradient factor g = d loss / d lp times its scale (which holds 1 / sigma^2): `value` for a

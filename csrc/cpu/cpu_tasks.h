@@ -8,6 +8,15 @@
 #include <algorithm>
 #include <cstdint>
 
+// The inner loops are compiled twice, for AVX2 and for baseline x86-64 (SSE2), and the library picks
+// one when it loads (GCC/Clang function multiversioning, an ifunc). AVX2 without FMA: no
+// multiply-add is contracted, so both versions give the same bits.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(PXPO_NO_SIMD_CLONES)
+#define PXPO_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PXPO_SIMD_CLONES
+#endif
+
 namespace pxpo::cpu {
 
 constexpr int64_t kPixelsPerTask = 2048;

@@ -15,6 +15,23 @@
 namespace pxpo::cpu {
 namespace {
 
+// out[i] = -(x[i] - mean[i])^2 / (2 sigma^2) - log_norm for a contiguous run.
+template <typename scalar_t, typename T>
+PXPO_SIMD_CLONES void element_logprob_run(const scalar_t* __restrict x, const scalar_t* __restrict mean,
+                                          T* __restrict out, int64_t n, StdTerms<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = static_cast<T>(x[i]) - static_cast<T>(mean[i]);
+    out[i] = -d * d * s.half_inv_var - s.log_norm;
+  }
+}
+
+// out[i] = -sq[i] / (2 sigma^2) - C log_norm for a contiguous run of pixels.
+template <typename T>
+PXPO_SIMD_CLONES void pixel_logprob_run(const T* __restrict sq, T* __restrict out, int64_t n, T half_inv_var,
+                                        T norm) {
+  for (int64_t i = 0; i < n; ++i) out[i] = -sq[i] * half_inv_var - norm;
+}
+
 template <typename scalar_t, typename T>
 void logprob_kernel(const scalar_t* __restrict x, const scalar_t* __restrict mean, const T* __restrict std_b,
                     T* __restrict out, int64_t batch, int64_t channels, int64_t pixels, int64_t granularity) {
@@ -26,11 +43,8 @@ void logprob_kernel(const scalar_t* __restrict x, const scalar_t* __restrict mea
     const int64_t base = b * channels * pixels;
     if (granularity == kElement) {
       for (int64_t c = 0; c < channels; ++c) {
-        const int64_t off = base + c * pixels;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T d = static_cast<T>(x[off + p]) - static_cast<T>(mean[off + p]);
-          out[off + p] = -d * d * s.half_inv_var - s.log_norm;
-        }
+        const int64_t off = base + c * pixels + p0;
+        element_logprob_run(x + off, mean + off, out + off, p1 - p0, s);
       }
       return;
     }
@@ -38,11 +52,9 @@ void logprob_kernel(const scalar_t* __restrict x, const scalar_t* __restrict mea
     accumulate_sq_over_channels(x + base, mean + base, channels, pixels, p0, p1, sq);
     if (granularity == kPixel) {
       const T norm = static_cast<T>(channels) * s.log_norm;
-      for (int64_t p = p0; p < p1; ++p) out[b * pixels + p] = -sq[p - p0] * s.half_inv_var - norm;
+      pixel_logprob_run(sq, out + b * pixels + p0, p1 - p0, s.half_inv_var, norm);
     } else {
-      double acc = 0;
-      for (int64_t p = 0; p < p1 - p0; ++p) acc += sq[p];
-      image_partials[t] = acc;
+      image_partials[t] = sum_in_double(sq, p1 - p0);
     }
   });
   if (granularity == kMean) {

@@ -9,12 +9,14 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
 #include "../pxpo_checks.h"
 #include "channel_sums.h"
 #include "cpu_tasks.h"
+#include "vec_exp.h"
 
 namespace pxpo::cpu {
 namespace {
@@ -64,41 +66,104 @@ std::vector<double> image_weight_sums(const LossArgs<scalar_t, T>& a) {
   return sums;
 }
 
+// The weighted per-unit pieces of a run of units (w * term, w * (lp - lp_old)^2, w * [|rho - 1| > eps],
+// [skipped]), written by a loop the compiler can vectorise and then added in double by add_run.
+template <typename T>
+struct RunPieces {
+  T loss[kPixelsPerTask], kl[kPixelsPerTask], clip[kPixelsPerTask], skipped[kPixelsPerTask];
+
+  PXPO_HD void set(int64_t i, const UnitLoss<T>& u, T w) {
+    loss[i] = w * u.term;
+    kl[i] = w * u.dlp * u.dlp;
+    clip[i] = w * static_cast<T>(u.outside);  // products of 0/1 flags, not selects: they vectorise
+    skipped[i] = T(1) - static_cast<T>(u.kept);
+  }
+};
+
+template <typename T>
+void add_run(Partial& part, const RunPieces<T>& r, int64_t n) {
+  part.loss += sum_in_double(r.loss, n);
+  part.kl += sum_in_double(r.kl, n);
+  part.clip += sum_in_double(r.clip, n);
+  part.skipped += sum_in_double(r.skipped, n);
+}
+
+// kPixelsPerTask ones: the unit weights of a chunk when there is no weight map.
+template <typename T>
+const T* unit_weights_of_ones() {
+  static const auto ones = [] {
+    std::array<T, kPixelsPerTask> a;
+    a.fill(T(1));
+    return a;
+  }();
+  return ones.data();
+}
+
+// One run of n element units (one channel of a chunk): their pieces into run, d loss / d mean into grad.
+// g_scale: d loss / d term without the unit weight, times 1 / sigma^2.
+template <int64_t kLossType, typename scalar_t, typename T>
+PXPO_SIMD_CLONES void element_units(const scalar_t* __restrict x, const scalar_t* __restrict mean,
+                                    const T* __restrict logp_old, const T* __restrict adv, const T* __restrict w,
+                                    scalar_t* __restrict grad, int64_t n, StdTerms<T> s, T g_scale,
+                                    ClipBounds<T> clip, RunPieces<T>& run) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = static_cast<T>(x[i]) - static_cast<T>(mean[i]);
+    const T lp = -d * d * s.half_inv_var - s.log_norm;
+    const UnitLoss<T> u = unit_loss(lp, logp_old[i], adv[i], clip, kLossType, VecExp{});
+    run.set(i, u, w[i]);
+    grad[i] = static_cast<scalar_t>(mean_grad(kept_or_zero(u, u.dterm_dlp * w[i] * g_scale), d));
+  }
+}
+
+// One run of n pixel units: their pieces into run; sq (the sums of squares over channels) becomes the
+// gradient factor of each pixel.
+template <int64_t kLossType, typename T>
+PXPO_SIMD_CLONES void pixel_units(T* __restrict sq, const T* __restrict logp_old, const T* __restrict adv,
+                                  const T* __restrict w, int64_t n, T half_inv_var, T norm, T g_scale,
+                                  ClipBounds<T> clip, RunPieces<T>& run) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T lp = -sq[i] * half_inv_var - norm;
+    const UnitLoss<T> u = unit_loss(lp, logp_old[i], adv[i], clip, kLossType, VecExp{});
+    run.set(i, u, w[i]);
+    sq[i] = kept_or_zero(u, u.dterm_dlp * w[i] * g_scale);
+  }
+}
+
 // Element and pixel granularity: one pass per chunk, partials per chunk.
 template <typename scalar_t, typename T>
 std::vector<Partial> spatial_pass(const LossArgs<scalar_t, T>& a, const std::vector<T>& scale) {
   const PixelTasks tasks(a.batch, a.pixels);
   std::vector<Partial> partials(tasks.count);
   for_each_task(tasks.count, kPixelsPerTask * a.channels, [&](int64_t t) {
-    const int64_t b = tasks.image(t), p0 = tasks.begin(t), p1 = tasks.end(t);
+    const int64_t b = tasks.image(t), p0 = tasks.begin(t), p1 = tasks.end(t), n = p1 - p0;
     const StdTerms<T> s = std_terms(a.std_b[b]);
     const T g_scale = scale[b] * s.inv_var;  // d loss / d term without the unit weight, times 1 / sigma^2
     const int64_t base = b * a.channels * a.pixels, pix = b * a.pixels;
+    const T* __restrict wr = a.weight ? a.weight + pix + p0 : unit_weights_of_ones<T>();  // wr[p - p0]
     Partial part;
+    RunPieces<T> run;
     if (a.granularity == kElement) {
       for (int64_t c = 0; c < a.channels; ++c) {
-        const int64_t off = base + c * a.pixels;
-        for (int64_t p = p0; p < p1; ++p) {
-          const T d = static_cast<T>(a.x[off + p]) - static_cast<T>(a.mean[off + p]);
-          const T lp = -d * d * s.half_inv_var - s.log_norm;
-          const T adv = a.adv[a.adv_per_element ? off + p : pix + p];
-          const T w = a.weight ? a.weight[pix + p] : T(1);
-          const UnitLoss<T> u = unit_loss(lp, a.logp_old[off + p], adv, a.clip, a.loss_type);
-          part.add(u, w);
-          a.grad[off + p] = static_cast<scalar_t>(mean_grad(kept_or_zero(u, u.dterm_dlp * w * g_scale), d));
-        }
+        const int64_t off = base + c * a.pixels + p0;
+        const scalar_t* __restrict xr = a.x + off;
+        const scalar_t* __restrict mr = a.mean + off;
+        const T* __restrict lor = a.logp_old + off;
+        const T* __restrict ar = a.adv + (a.adv_per_element ? off : pix + p0);
+        scalar_t* __restrict gr = a.grad + off;
+        // The loss type as a template argument, so that the inner loop has no branch.
+        const auto units = a.loss_type == kPPO ? element_units<kPPO, scalar_t, T> : element_units<kSF, scalar_t, T>;
+        units(xr, mr, lor, ar, wr, gr, n, s, g_scale, a.clip, run);
+        add_run(part, run, n);
       }
     } else {
       T sq[kPixelsPerTask] = {};
       accumulate_sq_over_channels(a.x + base, a.mean + base, a.channels, a.pixels, p0, p1, sq);
       const T norm = static_cast<T>(a.channels) * s.log_norm;
-      for (int64_t p = p0; p < p1; ++p) {
-        const T lp = -sq[p - p0] * s.half_inv_var - norm;
-        const T w = a.weight ? a.weight[pix + p] : T(1);
-        const UnitLoss<T> u = unit_loss(lp, a.logp_old[pix + p], a.adv[pix + p], a.clip, a.loss_type);
-        part.add(u, w);
-        sq[p - p0] = kept_or_zero(u, u.dterm_dlp * w * g_scale);  // reuse the buffer for the gradient factor
-      }
+      const T* __restrict lor = a.logp_old + pix + p0;
+      const T* __restrict ar = a.adv + pix + p0;
+      const auto units = a.loss_type == kPPO ? pixel_units<kPPO, T> : pixel_units<kSF, T>;
+      units(sq, lor, ar, wr, n, s.half_inv_var, norm, g_scale, a.clip, run);  // sq now holds the gradient factors
+      add_run(part, run, n);
       scatter_pixel_grad(a.x + base, a.mean + base, sq, a.channels, a.pixels, p0, p1, a.grad + base);
     }
     partials[t] = part;
@@ -117,9 +182,7 @@ std::vector<Partial> image_pass(const LossArgs<scalar_t, T>& a) {
     T sq[kPixelsPerTask] = {};
     accumulate_sq_over_channels(a.x + b * a.channels * a.pixels, a.mean + b * a.channels * a.pixels, a.channels,
                                 a.pixels, p0, p1, sq);
-    double acc = 0;
-    for (int64_t p = 0; p < p1 - p0; ++p) acc += sq[p];
-    sq_partials[t] = acc;
+    sq_partials[t] = sum_in_double(sq, p1 - p0);
   });
   const double n = static_cast<double>(a.channels * a.pixels);
   std::vector<Partial> partials(a.batch);

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../pxpo_checks.h"
 #include "cpu_tasks.h"
@@ -14,8 +15,23 @@
 namespace pxpo::cpu {
 namespace {
 
-// Sums over one block: sum w * r and sum w (WEIGHTED), or sum r. Each block row is added in
-// T (a short contiguous run), rows are combined in double.
+// Adds one input row into the column sums: col_num += w * r and col_den += w (WEIGHTED), or col_num += r.
+template <typename T, bool WEIGHTED>
+PXPO_SIMD_CLONES void add_row(const T* __restrict r, const T* __restrict w, T* __restrict col_num,
+                              T* __restrict col_den, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) {
+    if constexpr (WEIGHTED) {
+      col_num[x] += w[x] * r[x];
+      col_den[x] += w[x];
+    } else {
+      col_num[x] += r[x];
+    }
+  }
+}
+
+// Sums over one block: sum w * r and sum w (WEIGHTED), or sum r. For one output row, the block's
+// input rows are first added column by column in T (contiguous, vectorised loops), then each
+// block adds its columns in double.
 template <typename T, bool WEIGHTED>
 void pool_kernel(const T* __restrict reward, const T* __restrict weight, T* __restrict r_out, T* __restrict w_out,
                  int64_t batch, int64_t in_h, int64_t in_w, int64_t h, int64_t w) {
@@ -25,23 +41,18 @@ void pool_kernel(const T* __restrict reward, const T* __restrict weight, T* __re
     const int64_t r0 = pool_start(i, in_h, h), r1 = pool_end(i, in_h, h);
     const T* rb = reward + b * in_h * in_w;
     const T* wb = WEIGHTED ? weight + b * in_h * in_w : nullptr;
+    std::vector<T> col(WEIGHTED ? 2 * in_w : in_w, T(0));  // column sums: w * r (or r), then w
+    T* __restrict col_num = col.data();
+    T* __restrict col_den = WEIGHTED ? col.data() + in_w : nullptr;
+    for (int64_t y = r0; y < r1; ++y) {
+      add_row<T, WEIGHTED>(rb + y * in_w, WEIGHTED ? wb + y * in_w : nullptr, col_num, col_den, in_w);
+    }
     for (int64_t j = 0; j < w; ++j) {
       const int64_t c0 = pool_start(j, in_w, w), c1 = pool_end(j, in_w, w);
       double num = 0, den = 0;
-      for (int64_t y = r0; y < r1; ++y) {
-        const T* rr = rb + y * in_w;
-        T row_num = 0, row_den = 0;
-        if constexpr (WEIGHTED) {
-          const T* wr = wb + y * in_w;
-          for (int64_t xx = c0; xx < c1; ++xx) {
-            row_num += wr[xx] * rr[xx];
-            row_den += wr[xx];
-          }
-        } else {
-          for (int64_t xx = c0; xx < c1; ++xx) row_num += rr[xx];
-        }
-        num += row_num;
-        den += row_den;
+      for (int64_t xx = c0; xx < c1; ++xx) {
+        num += col_num[xx];
+        if constexpr (WEIGHTED) den += col_den[xx];
       }
       const double area = static_cast<double>((r1 - r0) * (c1 - c0));
       const int64_t o = task * w + j;
