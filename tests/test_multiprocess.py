@@ -161,6 +161,10 @@ def _failing_saves_worker(out: str) -> None:
             report[name] = {"type": type(error).__name__, "errno": getattr(error, "errno", None),
                             "message": getattr(error, "strerror", None) or str(error)}
     Path(out, f"report_{acc.process_index}.json").write_text(json.dumps(report))
+    # Both processes leave together with the process group torn down: a gloo thread still running at
+    # interpreter exit aborts the process ("terminate called without an active exception").
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def test_a_save_that_fails_on_the_main_process_fails_on_every_process(tmp_path):
