@@ -617,7 +617,9 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing catches it, so no clean-up runs."""
 
 
-def test_a_crash_between_the_renames_of_a_re_save_keeps_a_complete_copy(tmp_path, monkeypatch):
+def _checkpoint_with_failing_swap(tmp_path, monkeypatch, error: BaseException):
+    """A first checkpoint-1 (w = 0), then Path.rename patched to raise ``error`` once the old copy is moved aside
+    (when the new copy, ``.checkpoint-1.tmp``, is renamed into place). Returns (accelerator, save arguments, folder)."""
     from accelerate import Accelerator
 
     from pxpo_ext.trainer import checkpoint as ckpt
@@ -629,11 +631,18 @@ def test_a_crash_between_the_renames_of_a_re_save_keeps_a_complete_copy(tmp_path
     real_rename = Path.rename
 
     def rename(self, target):
-        if Path(self).name == ".checkpoint-1.tmp":  # the old copy has just been moved aside
-            raise _Killed()
+        if Path(self).name == ".checkpoint-1.tmp":
+            raise error
         return real_rename(self, target)
 
     monkeypatch.setattr(Path, "rename", rename)
+    return acc, args, folder
+
+
+def test_a_crash_between_the_renames_of_a_re_save_keeps_a_complete_copy(tmp_path, monkeypatch):
+    from pxpo_ext.trainer import checkpoint as ckpt
+
+    acc, args, folder = _checkpoint_with_failing_swap(tmp_path, monkeypatch, _Killed())
     with pytest.raises(_Killed):
         ckpt.save_checkpoint(folder, acc, trainable={"w": torch.ones(2)}, trainer_state={"epoch": 1}, **args)
     monkeypatch.undo()
@@ -647,22 +656,9 @@ def test_a_crash_between_the_renames_of_a_re_save_keeps_a_complete_copy(tmp_path
 
 
 def test_a_failed_swap_puts_the_previous_copy_back(tmp_path, monkeypatch):
-    from accelerate import Accelerator
-
     from pxpo_ext.trainer import checkpoint as ckpt
 
-    acc = Accelerator(cpu=True)
-    args = {"optimizer": {}, "lr_scheduler": {}, "stat_tracker": {}, "rng_state": ckpt.capture_rng()}
-    folder = tmp_path / "checkpoints" / "checkpoint-1"
-    ckpt.save_checkpoint(folder, acc, trainable={"w": torch.zeros(2)}, trainer_state={"epoch": 1}, **args)
-    real_rename = Path.rename
-
-    def rename(self, target):
-        if Path(self).name == ".checkpoint-1.tmp":
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real_rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", rename)
+    acc, args, folder = _checkpoint_with_failing_swap(tmp_path, monkeypatch, OSError(errno.EIO, os.strerror(errno.EIO)))
     with pytest.raises(OSError, match="could not write checkpoint .*checkpoint-1': Input/output error"):
         ckpt.save_checkpoint(folder, acc, trainable={"w": torch.ones(2)}, trainer_state={"epoch": 1}, **args)
     monkeypatch.undo()
