@@ -312,8 +312,7 @@ class PXPOTrainer:
         # through accelerate, which scales it for fp16 and divides it over the accumulation steps.
         self.accelerator.backward((mean * grad).sum())
         # 0-dim tensors, read once per epoch: a .item() per micro-step would make the host wait for the GPU.
-        return {"loss": loss.detach(), "approx_kl": stats["approx_kl"], "clipfrac": stats["clipfrac"],
-                "skipped": stats["skipped"]}
+        return {"loss": loss.detach(), **stats}  # approx_kl, clipfrac, skipped
 
     def check_compiled_gradient(self, batch: dict, step_index: torch.Tensor, tolerance: float = 0.05) -> float:
         """The compiled UNet's gradient against the eager one on this micro-step; raises if they disagree.
