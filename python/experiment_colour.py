@@ -4,17 +4,18 @@ Trains PXPO on the embedded model with the colour reward (R = -blue per pixel) o
 scene captions, then renders a fixed held-out set (prompts x seeds) before and after and measures:
 the mean reward and mean blue; prompt fidelity judged by the scene generator's ground truth
 (pxpo_ext.judge), overall and split by captions that name blue or not; and diversity (RMS
-difference between seeds of one prompt, and between prompts). ``--methods pxpo ddpo`` runs DDPO
-too, from the same model, seed and budget, for the same side-effect measures. Writes, under --out:
+difference between seeds of one prompt, and between prompts). DDPO runs too (``--methods``), from
+the same model, seed and budget, each method at the learning rate the sample-efficiency search
+chose for it, for the same measures. Writes, under --out:
 
-    colour_grid.png           before (top) and after (bottom) PXPO, one seed per prompt
+    colour_grid.png           before (top) and after (bottom) the first method, one seed per prompt
     colour_results.csv        one row per model (initial, pxpo, ddpo): reward, fidelity, diversity
     colour_curve.csv          the training reward per epoch
     colour_provenance.json    command, machine, seeds, wall time
 
 Usage::
 
-    python python/experiment_colour.py                # about 5 min on a 2-core CPU
+    python python/experiment_colour.py                # about 15 min on a 2-core CPU
     python python/experiment_colour.py --quick        # seconds, tiny settings (smoke test)
 """
 from __future__ import annotations
@@ -33,10 +34,11 @@ from pxpo_ext.scenes import prompts as scene_prompts
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     settings.add_common_arguments(parser, "runs/experiments/colour")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs (16 reward queries each)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (PXPO's choice in the sample-efficiency search)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (16 reward queries each)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="PXPO's learning rate (its choice in the sample-efficiency search)")
+    parser.add_argument("--ddpo-lr", type=float, default=3e-3, help="DDPO's learning rate (its choice in the same search)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["pxpo"], choices=["pxpo", "ddpo"])
+    parser.add_argument("--methods", nargs="+", default=["pxpo", "ddpo"], choices=["pxpo", "ddpo"])
     parser.add_argument("--eval-prompts", type=int, default=16, help="held-out captions")
     parser.add_argument("--eval-seeds", type=int, default=3, help="seeds per held-out caption")
     args = parser.parse_args(argv)
@@ -61,11 +63,12 @@ def main(argv=None):
     captions = scene_prompts(args.eval_prompts, seed=1234, max_objects=1, two_tone=False)
     prompts, seeds = eval_set(captions, args.eval_seeds)
     rows, curves, grids = [], [], {}
+    lrs = {"pxpo": args.lr, "ddpo": args.ddpo_lr}
     for method in args.methods:
         spec = RunSpec(name=f"colour-{method}", algorithm=method, seed=args.seed, epochs=args.epochs,
                        output_dir=str(Path(args.runs_dir) / method), prompts=scene_prompts(max_objects=1),
                        reward="colour", model=args.model,
-                       config=settings.train_config(args, train_learning_rate=args.lr),
+                       config=settings.train_config(args, train_learning_rate=lrs[method]),
                        eval_prompts=prompts, eval_seeds=seeds, threads=args.threads)
         before, result = train_run(spec, before=True)
         if not rows:
@@ -74,7 +77,7 @@ def main(argv=None):
         rows.append({"model": f"{method} ({result.queries[-1]} queries)",
                      **measure(result.eval_images, prompts, seeds, reward_fn), "train_seconds": round(result.seconds, 1)})
         grids[method] = result.eval_images
-        curves += [{"method": method, "lr": args.lr, "seed": args.seed, **point} for point in result.curve]
+        curves += [{"method": method, "lr": lrs[method], "seed": args.seed, **point} for point in result.curve]
         print(f"{method}: training reward {result.rewards[0]:.4f} -> {result.rewards[-1]:.4f}, {result.seconds:.0f} s")
     figures.write_csv(out / "colour_results.csv", rows)
     figures.write_csv(out / "colour_curve.csv", curves)
@@ -86,7 +89,7 @@ def main(argv=None):
         before, after, shown, mean_rewards(reward_fn, before, shown, [0] * len(first)),
         mean_rewards(reward_fn, after, shown, [0] * len(first))), out / "colour_grid.png")
     record.add(seeds={"training": args.seed, "evaluation": list(range(args.eval_seeds))}, epochs=args.epochs,
-               lr=args.lr, eval_captions=captions, results=rows)
+               lrs={m: lrs[m] for m in args.methods}, eval_captions=captions, results=rows)
     record.write(out)
     record.print_results(out, rows)
     return record.record

@@ -1,10 +1,11 @@
 """Experiment 3 (a person): one prompt and seed, a scripted person who wants one region red.
 
 The person points at the object the caption names in the initial image (found by
-pxpo_ext.judge; a centred square if none is found) and asks "make this red, leave the rest":
-each round, PXPO trains --epochs-per-round epochs of 8 samples that all start from the seed's
-noise, with the person's per-pixel marks on every sample (pxpo_ext.experiments.person), then the
-image for the prompt and seed is rendered again. It stops when at least --done of the region is
+pxpo_ext.judge; a centred square if none is found) and asks "make this red, leave the rest as
+it is": each round, PXPO trains --epochs-per-round epochs of 8 samples of the prompt, started
+from the noises of --noise-seeds seeds in turn (the seed's own first), with the person's per-pixel
+marks on every sample (pxpo_ext.experiments.person: the region in the colour, the rest of the
+canvas as in the image the person saw), then the image for the prompt and seed is rendered again. It stops when at least --done of the region is
 red (the judge's palette segmentation) or after --max-rounds. Writes, under --out:
 
     person_rounds.png          the region, the image before, and after every round
@@ -27,6 +28,7 @@ from pxpo_ext import plots
 from pxpo_ext.experiments import figures, person, settings
 from pxpo_ext.experiments.provenance import Provenance, model_fingerprint
 from pxpo_ext.experiments.runs import CURVE_KEYS, RunSpec, make_trainer
+from pxpo_ext.trainer.prompts import CyclingPrompts
 
 
 def parse_args(argv=None):
@@ -35,7 +37,10 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="a blue circle on a white background")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the image's noise (and of training)")
     parser.add_argument("--colour", default="red", help="the colour the person wants in the region")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--noise-seeds", type=int, default=8,
+                        help="samples start from the noises of seeds SEED..SEED+N-1 in turn; with 1 they all share the "
+                             "seed's noise and, on the embedded model, differ too little to rank (docs/experiments.md)")
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--done", type=float, default=0.75, help="stop when this fraction of the region has the colour")
@@ -74,10 +79,12 @@ def main(argv=None):
     spec = RunSpec(name="person", algorithm="pxpo", seed=args.seed, epochs=args.max_rounds * args.epochs_per_round,
                    output_dir=str(Path(args.runs_dir) / "pxpo"), prompts=[args.prompt], model=args.model,
                    config=config, threads=args.threads)
-    metadata = {"seed": args.seed}
+    if args.noise_seeds < 1:
+        raise SystemExit(f"--noise-seeds must be at least 1, got {args.noise_seeds}")
+    prompt_fn = CyclingPrompts([args.prompt] * args.noise_seeds, noise_seed=args.seed)
     # The reward is set once the initial image is known; the trainer needs one to start with.
     holder = {}
-    trainer = make_trainer(spec, reward_fn=lambda *a: holder["person"](*a), prompt_fn=lambda: (args.prompt, dict(metadata)))
+    trainer = make_trainer(spec, reward_fn=lambda *a: holder["person"](*a), prompt_fn=prompt_fn)
     start = time.time()
     try:
         original = trainer.generate([args.prompt], [args.seed])[0].cpu()
@@ -110,7 +117,8 @@ def main(argv=None):
     figures.write_csv(out / "person_rounds.csv", rows)
     figures.save_png(rounds_figure(images, titles, region), out / "person_rounds.png", dpi=150)
     record.add(prompt=args.prompt, seed=args.seed, colour=args.colour, region=how,
-               region_pixels=int((region > 0.5).sum()), lr=args.lr, epochs_per_round=args.epochs_per_round,
+               region_pixels=int((region > 0.5).sum()), lr=args.lr, noise_seeds=args.noise_seeds,
+               epochs_per_round=args.epochs_per_round,
                samples_per_epoch=config["sample_batch_size"], done_threshold=args.done,
                rounds_to_done=done_round, rounds=rows)
     record.write(out)

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     settings.add_common_arguments(parser, "runs/experiments/segmentation")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (16 reward queries each)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (PXPO's choice in the sample-efficiency search)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (the previous embedded model's choice in the sample-efficiency search; the results in docs/experiments.md used it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seeds", type=int, default=2, help="seeds per held-out caption (30 captions)")
     args = parser.parse_args(argv)

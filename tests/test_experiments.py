@@ -162,11 +162,12 @@ def test_sample_efficiency_quick(tiny_model, tmp_path):
     assert (out / "sample_efficiency.png").stat().st_size > 0 and (out / "sample_efficiency_lr_grid.png").exists()
 
 
-@pytest.mark.parametrize("name", ["experiment_colour", "experiment_segmentation"])
-def test_before_after_experiments_quick(tiny_model, tmp_path, name):
+@pytest.mark.parametrize("name, models", [("experiment_colour", ["initial", "pxpo", "ddpo"]),
+                                         ("experiment_segmentation", ["initial", "pxpo"])])
+def test_before_after_experiments_quick(tiny_model, tmp_path, name, models):
     record, out = run_quick(name, tiny_model, tmp_path)
     results = record["results"]
-    assert [r["model"].split()[0] for r in results] == ["initial", "pxpo"]
+    assert [r["model"].split()[0] for r in results] == models
     assert all(0.0 <= r["fidelity_background"] <= 1.0 and r["diversity_within_prompt_rms"] >= 0 for r in results)
     prefix = name.split("_")[1]
     assert (out / f"{prefix}_grid.png").exists() and (out / f"{prefix}_results.csv").exists()

@@ -59,7 +59,7 @@ def test_end_to_end_run_is_on_policy_at_first_step(tiny_model, tmp_path, algorit
     for m in history:
         for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "seconds", "loss"):
             assert isinstance(m[key], float) and m[key] == m[key], key
-        assert m["skipped_overflow_units"] == 0
+        assert m["skipped_overflow_units"] == 0 and m["skipped_optimizer_steps"] == 0
     stats = trainer.last_train_stats  # 2 inner epochs x 3 timesteps of one minibatch, one optimiser step each
     assert stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0  # the ratio is exactly 1 before any update
     # the update lowers the surrogate loss on the same rollouts: the gradient's sign reaches the optimiser intact
@@ -72,6 +72,19 @@ def test_end_to_end_run_is_on_policy_at_first_step(tiny_model, tmp_path, algorit
     for name in ("samples_before.png", "samples_after.png", "reward_curve.png"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_optimizer_steps_skipped_by_the_gradient_scaler_are_counted(tiny_model, tmp_path, monkeypatch, caplog):
+    # fp16's GradScaler (CUDA only) skips a step whose gradient overflowed; stand in for it on the CPU.
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    trainer = make_trainer(tiny_model, tmp_path / "run", num_epochs=1, train_num_inner_epochs=2)
+    with caplog.at_level("WARNING", logger="pxpo_ext.trainer.trainer"):
+        (metrics,) = trainer.train()
+    trainer.close()
+    assert metrics["skipped_optimizer_steps"] == 2  # 2 inner epochs of one minibatch: one optimiser step each
+    assert "2 of 2 optimiser step(s) skipped" in caplog.text
 
 
 def test_constant_reward_maps_give_c_times_ddpo_gradient(tiny_model, tmp_path):

@@ -361,6 +361,9 @@ class PXPOTrainer:
                         if c.train_max_grad_norm > 0:
                             s["grad_norm"] = acc.clip_grad_norm_(self.params, c.train_max_grad_norm)
                         self.optimizer.step()
+                        # fp16's GradScaler skips a step whose gradient overflowed (accelerate then holds the
+                        # scheduler too); counted so that it is never silent. Free: the scaler has already synced.
+                        s["optimizer_step_skipped"] = acc.optimizer_step_was_skipped
                         self.lr_scheduler.step()
                         self.optimizer.zero_grad()
                         self.global_step += 1
@@ -399,6 +402,12 @@ class PXPOTrainer:
                 logger.warning("epoch %d: %d log-prob unit(s) skipped because their log-ratio overflowed", epoch,
                                skipped)
         norms = [s["grad_norm"] for s in stats if "grad_norm" in s]
+        skipped_steps = sum(bool(s.get("optimizer_step_skipped")) for s in stats)  # the same on every process
+        if skipped_steps:
+            logger.warning("epoch %d: %d of %d optimiser step(s) skipped because the fp16 gradient overflowed "
+                           "(GradScaler lowered its scale; usual in the first steps, a steady count means the loss or "
+                           "the learning rate is too large for fp16)", epoch, skipped_steps,
+                           sum("optimizer_step_skipped" in s for s in stats))
         self.samples_seen += self.samples_per_epoch * acc.num_processes
         self.epoch = epoch + 1
         metrics = {
@@ -406,7 +415,7 @@ class PXPOTrainer:
             **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
             "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
             "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample, "skipped_overflow_units": skipped,
-            "skipped_deterministic_steps": self.skipped_steps, "skipped_without_feedback": no_feedback,
+            "skipped_optimizer_steps": skipped_steps, "skipped_deterministic_steps": self.skipped_steps, "skipped_without_feedback": no_feedback,
             **self.tracker.stats(),
             "seconds": time.time() - t0,
         }
