@@ -29,6 +29,7 @@ from pxpo_ext.experiments.evaluation import eval_set
 from pxpo_ext.experiments.provenance import Provenance, model_fingerprint
 from pxpo_ext.experiments.runs import RunSpec, evaluate_rewards, make_trainer, run_all
 from pxpo_ext.scenes import prompts as scene_prompts
+from pxpo_ext.trainer.prompts import get_prompt_fn
 
 METHODS = ("pxpo", "ddpo")
 
@@ -42,6 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds at the chosen learning rate")
     parser.add_argument("--timestep-fraction", type=float, default=0.5,
                         help="fraction of each trajectory's steps trained on (both methods)")
+    parser.add_argument("--captions", choices=["plain", "default-run"], default="plain",
+                        help="the 16 training captions: 'plain', one object on a plain background (generator seed 7; "
+                             "little blue to remove), or 'default-run', the 16 that `python python/train.py` cycles")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="minibatches per optimiser step (2 = one step per 16-image epoch, as the default run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (worker processes)")
     parser.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts (2 seeds each) scored after training")
     args = parser.parse_args(argv)
@@ -56,9 +62,13 @@ def main(argv=None):
     record = Provenance("sample_efficiency", __file__, argv)
     record.add(model=model_fingerprint(args.model))
     out, runs_dir = Path(args.out), Path(args.runs_dir)
-    config = settings.train_config(args, train_timestep_fraction=args.timestep_fraction)
+    config = settings.train_config(args, train_timestep_fraction=args.timestep_fraction,
+                                   train_gradient_accumulation_steps=args.accumulation)
     samples_per_epoch = config["sample_batch_size"] * config["sample_num_batches_per_epoch"]
-    train_prompts = scene_prompts(samples_per_epoch, seed=7, max_objects=1, two_tone=False)
+    if args.captions == "plain":
+        train_prompts = scene_prompts(samples_per_epoch, seed=7, max_objects=1, two_tone=False)
+    else:  # the captions of PXPOConfig(prompts="cycle:16:scenes", seed=0), the default run's
+        train_prompts = get_prompt_fn(f"cycle:{samples_per_epoch}:scenes", 0).prompts
     eval_prompts, eval_seeds = eval_set(scene_prompts(args.eval_prompts, seed=1234, max_objects=1, two_tone=False), 2)
     threads = max(1, args.threads // max(1, args.jobs))
 
@@ -131,7 +141,7 @@ def main(argv=None):
             for m in METHODS}
     figures.save_png(figures.lr_grid_figure(grid), out / "sample_efficiency_lr_grid.png")
 
-    record.add(seeds={"lr_search": args.grid_seed, "final": args.seeds}, epochs=args.epochs,
+    record.add(seeds={"lr_search": args.grid_seed, "final": args.seeds}, epochs=args.epochs, captions=args.captions,
                samples_per_epoch=samples_per_epoch, train_prompts=train_prompts,
                train_config=config, lr_search=grid_scores, chosen_lr=chosen, ddpo_final_reward=ddpo_final,
                pxpo_queries_to_reach_ddpo_final=reach, pxpo_per_seed_queries_to_reach=per_seed_reach,
