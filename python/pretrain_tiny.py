@@ -479,13 +479,18 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str, columns: int
 @torch.no_grad()
 def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: str | None, threads: int,
              device: str = "cpu") -> dict:
-    """Prompt fidelity by the ground-truth judge over ``n`` scene captions, and the sampling time
-    (the time only means the CPU target on the CPU; generators stay on the CPU either way)."""
+    """Prompt fidelity by the ground-truth judge over ``n`` scene captions; the VAE's ceiling (the same
+    judge on ``n`` generator scenes encoded and decoded: sampling cannot beat what the decoder can draw);
+    and the sampling time (it only means the CPU target on the CPU; generators stay on the CPU either way)."""
     from pxpo_ext.judge import fidelity, judge_batch
     from pxpo_ext.scenes import prompts
 
     torch.set_num_threads(threads)
     pipe = embedded.load_pipeline(path=folder).to(device)
+    scenes = [SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed).sample(i) for i in range(n)]
+    originals = torch.stack([scene.image for scene in scenes]).to(device)
+    decoded = pipe.vae.decode(pipe.vae.encode(originals * 2 - 1).latent_dist.mean).sample
+    vae_ceiling = fidelity(judge_batch((decoded / 2 + 0.5).clamp(0, 1).float().cpu(), [sc.caption for sc in scenes]))
     captions = prompts(n, seed=seed)
     images = []
     for i in tqdm(range(0, n, 50), desc="sampling"):
@@ -493,7 +498,8 @@ def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: 
         images.append(pipe(batch, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                            generator=torch.Generator().manual_seed(seed + i)).images.float().cpu())
     images = torch.cat(images)
-    result = {"fidelity": fidelity(judge_batch(images, captions)), "guidance": guidance, "steps": steps, "seed": seed}
+    result = {"fidelity": fidelity(judge_batch(images, captions)), "vae_reconstruction_fidelity": vae_ceiling,
+              "guidance": guidance, "steps": steps, "seed": seed}
     if grid:
         save_grid(images[:16], captions[:16], grid)
     times = []
@@ -567,10 +573,13 @@ def main(argv=None) -> None:
     parser.add_argument("--evaluate", action="store_true", help="evaluate the pipeline at --out instead of training")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--guidance", type=float, default=embedded.GUIDANCE_SCALE)
+    parser.add_argument("--eval-steps", type=int, default=embedded.NUM_INFERENCE_STEPS,
+                        help="with --evaluate: DDIM steps of the judged samples (the timed batch always uses "
+                             f"{embedded.NUM_INFERENCE_STEPS})")
     parser.add_argument("--grid", help="with --evaluate: write a PNG grid of 16 samples here")
     args = parser.parse_args(argv)
     if args.evaluate:
-        print(json.dumps(evaluate(args.out, args.eval_samples, args.guidance, embedded.NUM_INFERENCE_STEPS,
+        print(json.dumps(evaluate(args.out, args.eval_samples, args.guidance, args.eval_steps,
                                   args.seed + 1000, args.grid, args.threads, args.device or "cpu")))
         return
     if args.init_from and (args.vae_from or args.finetune_decoder):
