@@ -5,8 +5,9 @@ pxpo_ext.judge; a centred square if none is found) and asks "make this red, leav
 it is": each round, PXPO trains --epochs-per-round epochs of 8 samples of the prompt, started
 from the noises of --noise-seeds seeds in turn (the seed's own first), with the person's per-pixel
 marks on every sample (pxpo_ext.experiments.person: the region in the colour, the rest of the
-canvas as in the image the person saw), then the image for the prompt and seed is rendered again. It stops when at least --done of the region is
-red (the judge's palette segmentation) or after --max-rounds. Writes, under --out:
+canvas as in the image the person saw), then the image for the prompt and seed is rendered again.
+It stops when at least --done of the region is red (the judge's palette segmentation) or after
+--max-rounds. Writes, under --out:
 
     person_rounds.png          the region, the image before, and after every round
     person_rounds.csv          per round: red fraction of the region, RMS change outside, reward
@@ -37,10 +38,15 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="a blue circle on a white background")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the image's noise (and of training)")
     parser.add_argument("--colour", default="red", help="the colour the person wants in the region")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--noise-seeds", type=int, default=8,
                         help="samples start from the noises of seeds SEED..SEED+N-1 in turn; with 1 they all share the "
                              "seed's noise and, on the embedded model, differ too little to rank (docs/experiments.md)")
+    parser.add_argument("--region-seed", type=int, default=None,
+                        help="point at the caption's object as drawn from this seed's noise instead (\"put it here\")")
+    parser.add_argument("--outside", choices=["keep", "unmarked"], default="keep",
+                        help="'keep': the rest of the canvas is liked as in the image the person saw; 'unmarked': "
+                             "only the region is marked (weight 0 elsewhere)")
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--done", type=float, default=0.75, help="stop when this fraction of the region has the colour")
@@ -88,8 +94,11 @@ def main(argv=None):
     start = time.time()
     try:
         original = trainer.generate([args.prompt], [args.seed])[0].cpu()
-        region, how = person.target_region(original, args.prompt)
-        holder["person"] = person.RegionColourPerson(region, args.colour, original)
+        pointed = original if args.region_seed is None else trainer.generate([args.prompt], [args.region_seed])[0].cpu()
+        region, how = person.target_region(pointed, args.prompt)
+        if args.region_seed is not None:
+            how += f" in the image of seed {args.region_seed}"
+        holder["person"] = person.RegionColourPerson(region, args.colour, original, keep_outside=args.outside == "keep")
         images, titles = [original], [f"before: {person.colour_fraction(original, region, args.colour):.0%} {args.colour}"]
         rows = [{"round": 0, "queries": 0, "colour_fraction": person.colour_fraction(original, region, args.colour),
                  "outside_rms_change": 0.0, "seconds": 0.0}]
@@ -117,7 +126,8 @@ def main(argv=None):
     figures.write_csv(out / "person_rounds.csv", rows)
     figures.save_png(rounds_figure(images, titles, region), out / "person_rounds.png", dpi=150)
     record.add(prompt=args.prompt, seed=args.seed, colour=args.colour, region=how,
-               region_pixels=int((region > 0.5).sum()), lr=args.lr, noise_seeds=args.noise_seeds,
+               region_pixels=int((region > 0.5).sum()), region_seed=args.region_seed, outside=args.outside,
+               lr=args.lr, noise_seeds=args.noise_seeds,
                epochs_per_round=args.epochs_per_round,
                samples_per_epoch=config["sample_batch_size"], done_threshold=args.done,
                rounds_to_done=done_round, rounds=rows)

@@ -175,8 +175,11 @@ def test_before_after_experiments_quick(tiny_model, tmp_path, name, models):
     assert (out / f"{prefix}_grid.png").exists() and (out / f"{prefix}_results.csv").exists()
 
 
-def test_person_experiment_quick(tiny_model, tmp_path):
-    record, out = run_quick("experiment_person", tiny_model, tmp_path)
+@pytest.mark.parametrize("extra", [[], ["--region-seed", "3", "--outside", "unmarked", "--noise-seeds", "1"]])
+def test_person_experiment_quick(tiny_model, tmp_path, extra):
+    record, out = run_quick("experiment_person", tiny_model, tmp_path, *extra)
+    assert record["noise_seeds"] == (1 if extra else 8) and record["outside"] == ("unmarked" if extra else "keep")
+    assert ("seed 3" in record["region"]) == bool(extra)
     rounds = record["rounds"]
     assert [r["round"] for r in rounds][:2] == [0, 1] and len(rounds) <= 3
     assert all(0.0 <= r["colour_fraction"] <= 1.0 for r in rounds)
