@@ -156,6 +156,8 @@ def run_quick(name, tiny_model, tmp_path, *extra):
 def test_sample_efficiency_quick(tiny_model, tmp_path, captions):
     record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1", "--captions", captions)
     assert record["captions"] == captions and len(set(record["train_prompts"])) > 1
+    assert set(record["queries_to_reach_ddpo_best"]) == {"pxpo", "ddpo"}
+    assert record["queries_to_reach_ddpo_best"]["ddpo"] <= record["budget"]  # DDPO reaches its own best
     runs = list(csv.DictReader((out / "sample_efficiency_runs.csv").open()))
     # 2 learning rates x 2 methods at seed 0, then seed 1 for each method (seed 0 reused), 2 epochs each
     assert len(runs) == (2 * 2 + 2) * 2
