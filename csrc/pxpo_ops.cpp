@@ -1,7 +1,7 @@
 // The pxpo operator schemas (one TORCH_LIBRARY block; the CPU and CUDA kernels register
-// their implementations in csrc/cpu and csrc/cuda) and a small pybind11 module with build
-// information. Importing pxpo_ext._C loads this library, which registers the ops;
-// pxpo_ext/_native.py then adds the fake (meta) kernels and autograd formulas.
+// their implementations in csrc/cpu and csrc/cuda, the autograd formulas in csrc/autograd.cpp)
+// and a small pybind11 module with build information. Importing pxpo_ext._C loads this
+// library, which registers the ops; pxpo_ext/_native.py then adds the fake (meta) kernels.
 #include <pybind11/pybind11.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>

@@ -2,10 +2,10 @@
 
 ``import pxpo_ext._C`` registers the operators ``torch.ops.pxpo.*`` (schemas in
 ``csrc/pxpo_ops.cpp``, kernels in ``csrc/cpu`` and ``csrc/cuda``; the dispatcher picks the
-kernel from the tensors' device). :func:`load` imports it on first use and then adds, once,
-what torch.compile and autograd need: a fake (meta) kernel for every op, and the autograd
-formulas of ``gaussian_logprob`` (its backward op) and ``pxpo_loss`` (the gradient the
-fused forward already computed, scaled by the incoming gradient).
+kernel from the tensors' device; the autograd formulas of ``gaussian_logprob`` and
+``pxpo_loss`` are C++ too, in ``csrc/autograd.cpp``, so that a call needing no gradient pays
+no Python wrapper). :func:`load` imports it on first use and then adds, once, what
+torch.compile needs: a fake (meta) kernel for every op.
 
 The four backend functions take the normalised arguments of :mod:`pxpo_ext.reference`.
 """
@@ -66,7 +66,7 @@ def _unit_shape(x: torch.Tensor, granularity: int) -> tuple:
 
 
 def _register_python_parts() -> None:
-    """Fake kernels and autograd formulas; called once, right after ``_C`` is imported."""
+    """Fake kernels for torch.compile; called once, right after ``_C`` is imported."""
     lib = "pxpo::"
 
     @torch.library.register_fake(lib + "gaussian_logprob")
@@ -91,33 +91,6 @@ def _register_python_parts() -> None:
 
     torch.library.register_fake(lib + "pxpo_loss", loss_fake)
     torch.library.register_fake(lib + "pxpo_loss_and_grad", loss_fake)
-
-    def logprob_setup(ctx, inputs, output):
-        x, mean, std, granularity = inputs
-        ctx.save_for_backward(x, mean, std)
-        ctx.granularity = granularity
-
-    def logprob_backward(ctx, grad):
-        x, mean, std = ctx.saved_tensors
-        grad_mean = None
-        if ctx.needs_input_grad[1]:
-            grad_mean = torch.ops.pxpo.gaussian_logprob_backward(grad, x, mean, std, ctx.granularity)
-        return None, grad_mean, None, None
-
-    torch.library.register_autograd(lib + "gaussian_logprob", logprob_backward, setup_context=logprob_setup)
-
-    def loss_setup(ctx, inputs, output):
-        _, grad_mean, stats = output
-        ctx.mark_non_differentiable(grad_mean, stats)
-        ctx.save_for_backward(grad_mean)
-
-    def loss_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
-        # The fused forward stored d loss / d mean; the chain rule only scales it.
-        (grad_mean,) = ctx.saved_tensors
-        grad = grad_loss * grad_mean if ctx.needs_input_grad[1] else None
-        return None, grad, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "pxpo_loss", loss_backward, setup_context=loss_setup)
 
 
 def _ops():
