@@ -86,6 +86,8 @@ inline void check_reward_args(const at::Tensor& reward, const std::optional<at::
   TORCH_CHECK(reward.dim() == 3, "pxpo: reward must be (B, H, W), got ", reward.sizes());
   TORCH_CHECK(at::isFloatingType(reward.scalar_type()), "pxpo: reward must be floating point, got ",
               reward.scalar_type());
+  TORCH_CHECK(reward.size(1) > 0 && reward.size(2) > 0, "pxpo: reward maps must not be empty, got ",
+              reward.sizes());
   TORCH_CHECK(h > 0 && w > 0, "pxpo: latent size must be positive, got (", h, ", ", w, ")");
   if (weight.has_value()) {
     TORCH_CHECK(weight->sizes() == reward.sizes(), "pxpo: weight must have the reward's shape ", reward.sizes(),

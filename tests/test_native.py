@@ -208,6 +208,8 @@ def test_direct_calls_with_wrong_shapes_fail_clearly():
         OPS.pxpo_loss(x, mean, std, logp_old.sum((1, 2)), adv.sum((1, 2)), weight, clip, MEAN, kind)
     with pytest.raises(RuntimeError, match="weight must have the reward's shape"):
         OPS.reward_to_latent(torch.rand(2, 8, 8), torch.rand(2, 8, 4), 2, 2)
+    with pytest.raises(RuntimeError, match="reward maps must not be empty"):
+        OPS.reward_to_latent(torch.rand(2, 0, 8), None, 2, 2)
 
 
 def test_non_integer_pooling_matches_adaptive_avg_pool():

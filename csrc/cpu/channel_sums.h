@@ -1,19 +1,32 @@
-// The inner loop that per-pixel and per-image log-probs share: the sum over channels of
-// squared differences (x - mean)^2 for a run of pixels of one image, accumulated into
-// sq[0 .. p1 - p0). Channels are the outer loop so that the inner loop is contiguous.
+// The inner loops that per-pixel and per-image log-probs share: the sum over channels of
+// squared differences (x - mean)^2 for a run of pixels of one image, and the scatter of a
+// per-pixel gradient. Channels are the outer loop so that the inner loop is contiguous.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../pxpo_math.h"
 #include "cpu_tasks.h"
+#include "lane_sums.h"
 
 namespace pxpo::cpu {
 
+// sq[0 .. p1 - p0) = sum over channels of (x - mean)^2, added channel by channel in T. The first
+// channel sets sq (0 + d * d is d * d), so the caller need not zero it.
 template <typename scalar_t, typename T>
-PXPO_SIMD_CLONES inline void accumulate_sq_over_channels(const scalar_t* __restrict x, const scalar_t* __restrict mean, int64_t channels,
-                                        int64_t pixels, int64_t p0, int64_t p1, T* __restrict sq) {
-  for (int64_t c = 0; c < channels; ++c) {
+PXPO_SIMD_CLONES inline void sq_over_channels(const scalar_t* __restrict x, const scalar_t* __restrict mean,
+                                              int64_t channels, int64_t pixels, int64_t p0, int64_t p1,
+                                              T* __restrict sq) {
+  if (channels == 0) {  // an empty sum
+    std::fill(sq, sq + (p1 - p0), T(0));
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const T d = static_cast<T>(x[p]) - static_cast<T>(mean[p]);
+    sq[p - p0] = d * d;
+  }
+  for (int64_t c = 1; c < channels; ++c) {
     const scalar_t* __restrict xc = x + c * pixels;
     const scalar_t* __restrict mc = mean + c * pixels;
     for (int64_t p = p0; p < p1; ++p) {
@@ -35,18 +48,6 @@ PXPO_SIMD_CLONES inline void scatter_pixel_grad(const scalar_t* __restrict x, co
       grad[off + p] = static_cast<scalar_t>(mean_grad(g[p - p0], d));
     }
   }
-}
-
-// sum of v[0 .. n) in double, in four interleaved lanes (a fixed order, so the result still does not
-// depend on the thread count) so that the additions do not wait on each other.
-template <typename T>
-PXPO_SIMD_CLONES inline double sum_in_double(const T* __restrict v, int64_t n) {
-  double lane[4] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int k = 0; k < 4; ++k) lane[k] += static_cast<double>(v[i + k]);
-  for (; i < n; ++i) lane[0] += static_cast<double>(v[i]);
-  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
 }  // namespace pxpo::cpu

@@ -156,8 +156,8 @@ std::vector<Partial> spatial_pass(const LossArgs<scalar_t, T>& a, const std::vec
         add_run(part, run, n);
       }
     } else {
-      T sq[kPixelsPerTask] = {};
-      accumulate_sq_over_channels(a.x + base, a.mean + base, a.channels, a.pixels, p0, p1, sq);
+      T sq[kPixelsPerTask];
+      sq_over_channels(a.x + base, a.mean + base, a.channels, a.pixels, p0, p1, sq);
       const T norm = static_cast<T>(a.channels) * s.log_norm;
       const T* __restrict lor = a.logp_old + pix + p0;
       const T* __restrict ar = a.adv + pix + p0;
@@ -179,9 +179,9 @@ std::vector<Partial> image_pass(const LossArgs<scalar_t, T>& a) {
   std::vector<double> sq_partials(tasks.count);
   for_each_task(tasks.count, kPixelsPerTask * a.channels, [&](int64_t t) {
     const int64_t b = tasks.image(t), p0 = tasks.begin(t), p1 = tasks.end(t);
-    T sq[kPixelsPerTask] = {};
-    accumulate_sq_over_channels(a.x + b * a.channels * a.pixels, a.mean + b * a.channels * a.pixels, a.channels,
-                                a.pixels, p0, p1, sq);
+    T sq[kPixelsPerTask];
+    sq_over_channels(a.x + b * a.channels * a.pixels, a.mean + b * a.channels * a.pixels, a.channels, a.pixels,
+                     p0, p1, sq);
     sq_partials[t] = sum_in_double(sq, p1 - p0);
   });
   const double n = static_cast<double>(a.channels * a.pixels);
