@@ -487,7 +487,8 @@ def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: 
 
     torch.set_num_threads(threads)
     pipe = embedded.load_pipeline(path=folder).to(device)
-    scenes = [SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed).sample(i) for i in range(n)]
+    generator = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed)
+    scenes = [generator.sample(i) for i in range(n)]
     originals = torch.stack([scene.image for scene in scenes]).to(device)
     decoded = pipe.vae.decode(pipe.vae.encode(originals * 2 - 1).latent_dist.mean).sample
     vae_ceiling = fidelity(judge_batch((decoded / 2 + 0.5).clamp(0, 1).float().cpu(), [sc.caption for sc in scenes]))

@@ -415,7 +415,8 @@ class PXPOTrainer:
             **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
             "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
             "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample, "skipped_overflow_units": skipped,
-            "skipped_optimizer_steps": skipped_steps, "skipped_deterministic_steps": self.skipped_steps, "skipped_without_feedback": no_feedback,
+            "skipped_optimizer_steps": skipped_steps, "skipped_deterministic_steps": self.skipped_steps,
+            "skipped_without_feedback": no_feedback,
             **self.tracker.stats(),
             "seconds": time.time() - t0,
         }
