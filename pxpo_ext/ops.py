@@ -151,6 +151,9 @@ def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, so
         )
     if reward.shape[0] == 0:
         raise ValueError(f"{source} returned an empty batch of rewards")
+    if reward.dim() == 3 and 0 in reward.shape[1:]:  # every backend would fail or pool nothing into NaN
+        raise ValueError(f"{source} returned empty reward maps of shape {tuple(reward.shape)}; return maps (B, H, W) "
+                         "with H, W > 0")
     reward = reward.float() if reward.dtype != torch.float64 else reward
     if weight is not None:
         if isinstance(weight, torch.Tensor):

@@ -136,6 +136,12 @@ def test_reward_to_latent_accepts_channel_axis_and_scalars(backend, device):
     assert r.shape == (2, 3, 5) and torch.all(r[0] == 0.5) and torch.all(r[1] == -2.0) and torch.all(w == 1)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 8), (2, 8, 0), (2, 1, 0, 8)])
+def test_empty_reward_maps_are_refused_on_every_backend(backend, device, shape):
+    with pytest.raises(ValueError, match="my_reward returned empty reward maps"):
+        pxpo_ext.reward_to_latent(torch.zeros(shape, device=device), 2, source="my_reward")
+
+
 def test_weighted_reward_ignores_unweighted_pixels(backend, device):
     reward = torch.zeros(1, 8, 8, device=device)
     weight = torch.zeros(1, 8, 8, device=device)
