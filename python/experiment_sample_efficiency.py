@@ -107,7 +107,8 @@ def main(argv=None):
     finals = {m: [curves.final_reward(run) for run in stacked[m][1]] for m in METHODS}
     queries = stacked["pxpo"][0]
     budget = float(queries[-1])
-    ddpo_final = curves.final_reward(stacked["ddpo"][1].mean(axis=0))
+    ddpo_mean = stacked["ddpo"][1].mean(axis=0)
+    ddpo_final = curves.final_reward(ddpo_mean)
     pxpo_curve = curves.smooth(stacked["pxpo"][1].mean(axis=0))
     reach = curves.queries_to_reach(queries, pxpo_curve, ddpo_final)
     per_seed_reach = [curves.queries_to_reach(queries, curves.smooth(run), ddpo_final) for run in stacked["pxpo"][1]]
@@ -116,7 +117,7 @@ def main(argv=None):
     gain = budget / reach if ddpo_improved and math.isfinite(reach) and reach > 0 else math.nan
     # DDPO's final reward can sit below its own best when training turns unstable late, which
     # flatters the ratio above; the level both reach at their best is the sturdier yardstick.
-    ddpo_curve = curves.smooth(stacked["ddpo"][1].mean(axis=0))
+    ddpo_curve = curves.smooth(ddpo_mean)
     ddpo_best = float(ddpo_curve.max())
     best_reach = {"pxpo": curves.queries_to_reach(queries, pxpo_curve, ddpo_best),
                   "ddpo": curves.queries_to_reach(queries, ddpo_curve, ddpo_best)}
