@@ -5,16 +5,26 @@
 #
 #   OUT=/tmp/gpu DEADLINE_S=580 bash benchmarks/gpu_checks.sh
 #
-# Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path runs
-# that anchor script; PRETRAIN_ARGS="..." trains the embedded model in the background during the
-# build and tests (python/pretrain_tiny.py), before any timing starts; ONLY="stage names" runs
-# just those stages (build kernel-tests bench-ops bench-variants bench-microstep bench-compiled
-# bench-trainer trl-anchor bench-scaling); OPS_BATCHES and TRAINER_ARGS change those benchmarks' sizes and options.
-# Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json, and tiny-gpu.tar when
-# pretraining ran.
+# STAGES="names" picks the stages and their order (default below): build kernel-tests bench-ops
+# bench-variants bench-microstep bench-compiled bench-reduce-overhead bench-trainer trl-anchor
+# bench-scaling. Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its
+# cap, never into the needs of the stages after it, and is skipped when less than its own need is
+# left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
+# is the anchor script the trl-anchor stage runs; PRETRAIN_ARGS="..." trains the embedded model
+# (python/pretrain_tiny.py) in the background during build and kernel-tests, and the first other
+# stage waits for it, so nothing is timed while it trains; OPS_BATCHES and TRAINER_ARGS change those
+# benchmarks' sizes and options. Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json,
+# and tiny-gpu.tar when pretraining ran.
 set -u
 OUT=${OUT:-/tmp/pxpo-gpu}
 DEADLINE_S=${DEADLINE_S:-580}
+STAGES=${STAGES:-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
+# The least time (seconds) worth starting each stage with: a stage cut short measures nothing.
+declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40
+  [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
+for name in $STAGES; do
+  [[ -n "${NEED_OF[$name]:-}" ]] || { echo "unknown stage '$name' (known: ${!NEED_OF[*]})" >&2; exit 2; }
+done
 START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -22,14 +32,18 @@ LOG="$OUT/session.log"
 
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
-# stage NAME CAP RESERVE CMD...: run CMD for at most CAP seconds, leaving RESERVE seconds of the deadline
-# for the stages after it; skipped when under 15 s remain.
+# stage NAME CAP CMD...: run CMD for at most CAP seconds, leaving the need of every stage still to come in
+# $STAGES; skipped when less than its own need is left.
 stage() {
-  local name=$1 cap=$2 reserve=$3; shift 3
-  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then return 0; fi
-  local left=$(( DEADLINE_S - ($(date +%s) - START) - reserve ))
+  local name=$1 cap=$2 need=${NEED_OF[$1]}; shift 2
+  local later=0 seen=0 s
+  for s in $STAGES; do
+    if (( seen )); then later=$(( later + ${NEED_OF[$s]:-0} )); fi
+    [[ $s == "$name" ]] && seen=1
+  done
+  local left=$(( DEADLINE_S - ($(date +%s) - START) - later ))
   local limit=$(( cap < left ? cap : left ))
-  if (( limit < 15 )); then log "SKIP $name (only ${left}s left)"; return 0; fi
+  if (( limit < need )); then log "SKIP $name (${left}s left of the ${need}s it needs)"; return 0; fi
   log "START $name (limit ${limit}s)"
   timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
@@ -56,33 +70,58 @@ if [[ -n "${PRETRAIN_ARGS:-}" ]]; then
   PRETRAIN_PID=$!
 fi
 
-# Caps and reserves (seconds) follow the priorities: the kernel tests, the op timings, the trainer's epochs
-# and TRL's anchor each keep their time even when an earlier stage runs long; the scaling sweep gets what is left.
-stage build 180 400 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PXPO_FORCE_CUDA=1 \
-  python3 -m pip install --no-build-isolation --no-deps -e .
-stage kernel-tests 110 340 env PXPO_REQUIRE_NATIVE=1 python3 -m pytest -q -n 8 -p no:cacheprovider \
-  tests/test_ops.py tests/test_native.py tests/test_triton.py tests/test_fuzz.py -k "cuda or triton"
+# Each stage's function; the loop at the end runs them in the order of $STAGES with their caps.
+run_build() {
+  env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PXPO_FORCE_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e .
+}
+run_kernel_tests() {  # the overflow guard's CUDA kernels included (tests/test_numerical_guards.py)
+  env PXPO_REQUIRE_NATIVE=1 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_native.py \
+    tests/test_triton.py tests/test_fuzz.py tests/test_numerical_guards.py -k "cuda or triton"
+}
+run_bench_ops() {
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_ops.py --device cuda --batch ${OPS_BATCHES:-16 128 1024 4096} --min-time 0.05 \
+    --out "$OUT/ops.csv"
+}
+run_bench_variants() { python3 benchmarks/bench_trainer.py --benches microstep variants --out "$OUT/trainer.csv"; }
+# Eager against compiled UNet (the trainer's compile_unet): micro-steps of both algorithms, then whole epochs;
+# a compiled run first records the compiled gradient against the eager one (the gradcheck row).
+run_bench_microstep() { python3 benchmarks/bench_trainer.py --benches microstep --reps 20 --out "$OUT/trainer.csv"; }
+run_compiled() {
+  python3 benchmarks/bench_trainer.py --compile "$1" --benches microstep epoch --reps 20 --epochs 3 --ddpo-epochs 0 \
+    --out "$OUT/trainer.csv"
+}
+run_bench_trainer() {
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_trainer.py --benches microstep epoch --ddpo-epochs 0 ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"
+}
+run_trl_anchor() {
+  if [[ -z "${TRL_ANCHOR:-}" ]]; then echo "TRL_ANCHOR is not set"; return 1; fi
+  python3 "$TRL_ANCHOR" >"$OUT/trl.json" && log "trl: $(tail -c 400 "$OUT/trl.json")"
+}
+run_bench_scaling() {
+  python3 benchmarks/bench_trainer.py --benches scaling --scaling-batches 1 4 16 --scaling-sizes 768 --out "$OUT/trainer.csv"
+}
+export -f run_build run_kernel_tests run_bench_ops run_bench_variants run_bench_microstep run_compiled \
+  run_bench_trainer run_trl_anchor run_bench_scaling log
+export OUT START LOG
 
-if [[ -n "$PRETRAIN_PID" ]]; then  # no timing while the GPU trains something else
-  log "waiting for pretrain"; wait "$PRETRAIN_PID"; log "pretrain done"
-fi
-
-# shellcheck disable=SC2086
-stage bench-ops 90 280 python3 benchmarks/bench_ops.py --device cuda --batch ${OPS_BATCHES:-16 128 1024 4096} \
-  --min-time 0.05 --out "$OUT/ops.csv"
-# shellcheck disable=SC2086
-stage bench-variants 60 250 python3 benchmarks/bench_trainer.py --benches microstep variants --out "$OUT/trainer.csv"
-# Eager against compiled UNet (the trainer's compile_unet): micro-steps of both algorithms, then whole epochs.
-stage bench-microstep 60 330 python3 benchmarks/bench_trainer.py --benches microstep --reps 20 --out "$OUT/trainer.csv"
-stage bench-compiled 300 140 python3 benchmarks/bench_trainer.py --compile default --benches microstep epoch --reps 20 \
-  --epochs 3 --ddpo-epochs 0 --out "$OUT/trainer.csv"
-# shellcheck disable=SC2086
-stage bench-trainer 130 170 python3 benchmarks/bench_trainer.py --benches microstep epoch --ddpo-epochs 0 \
-  ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"
-if [[ -n "${TRL_ANCHOR:-}" ]]; then
-  stage trl-anchor 185 0 sh -c "python3 '$TRL_ANCHOR' > '$OUT/trl.json'"
-  [[ -s "$OUT/trl.json" ]] && log "trl: $(tail -c 400 "$OUT/trl.json")"
-fi
-stage bench-scaling 120 0 python3 benchmarks/bench_trainer.py --benches scaling --scaling-batches 1 4 16 \
-  --scaling-sizes 768 --out "$OUT/trainer.csv"
+for name in $STAGES; do
+  if [[ -n "$PRETRAIN_PID" && $name != build && $name != kernel-tests ]]; then  # no timing while the GPU trains
+    log "waiting for pretrain"; wait "$PRETRAIN_PID"; PRETRAIN_PID=; log "pretrain done"
+  fi
+  case $name in
+    build) stage build 180 bash -c run_build ;;
+    kernel-tests) stage kernel-tests 110 bash -c run_kernel_tests ;;
+    bench-ops) stage bench-ops 90 bash -c run_bench_ops ;;
+    bench-variants) stage bench-variants 60 bash -c run_bench_variants ;;
+    bench-microstep) stage bench-microstep 60 bash -c run_bench_microstep ;;
+    bench-compiled) stage bench-compiled 300 bash -c "run_compiled default" ;;
+    bench-reduce-overhead) stage bench-reduce-overhead 300 bash -c "run_compiled reduce-overhead" ;;
+    bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;
+    trl-anchor) stage trl-anchor 200 bash -c run_trl_anchor ;;
+    bench-scaling) stage bench-scaling 120 bash -c run_bench_scaling ;;
+  esac
+done
+if [[ -n "$PRETRAIN_PID" ]]; then log "waiting for pretrain"; wait "$PRETRAIN_PID"; fi
 log "done"

@@ -1,0 +1,69 @@
+"""Smoke runs of the benchmark scripts on tiny models: a lent GPU session is short, and a benchmark that broke
+on the CPU would waste it. Timings are not checked here (they mean nothing on tiny models); the rows are."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_trainer(tmp_path, *args) -> list[dict]:
+    out = tmp_path / "trainer.csv"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer.py"), "--tiny", "--device", "cpu",
+                    "--out", str(out), *args], check=True, cwd=tmp_path, capture_output=True, text=True)
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_trainer_benchmark_writes_its_rows(tmp_path):
+    rows = _bench_trainer(tmp_path, "--benches", "microstep", "epoch")
+    metrics = {(r["bench"], r["algorithm"], r["metric"]) for r in rows}
+    for algorithm in ("pxpo", "ddpo"):
+        assert ("microstep", algorithm, "ms_per_microstep") in metrics
+        assert ("epoch", algorithm, "samples_per_s") in metrics
+    assert ("microstep", "pxpo", "pxpo_extra_cost") in metrics
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+    assert not any(r["bench"] == "gradcheck" for r in rows)  # eager: nothing to check
+
+
+def test_compiled_trainer_benchmark_records_its_gradient_check(tmp_path):
+    rows = _bench_trainer(tmp_path, "--compile", "default", "--benches", "microstep", "--reps", "1")
+    checks = [r for r in rows if r["bench"] == "gradcheck"]
+    assert len(checks) == 1 and checks[0]["metric"] == "compiled_gradient_rel_diff"
+    assert checks[0]["variant"] == "compile=default" and float(checks[0]["value"]) >= 0
+    assert rows[0]["bench"] == "gradcheck"  # before any compiled timing
+
+
+def _gpu_checks(tmp_path, stages: str, deadline: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), STAGES=stages, DEADLINE_S=str(deadline))
+    env.pop("TRL_ANCHOR", None)
+    # Run from an empty folder: the script installs any wheels it finds in ./.whl, which a test must not do.
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="the GPU script is a bash script")
+def test_gpu_script_refuses_unknown_stages_before_doing_anything(tmp_path):
+    done = _gpu_checks(tmp_path, "build bench-compild", 60)
+    assert done.returncode == 2
+    assert "unknown stage 'bench-compild'" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="the GPU script is a bash script")
+def test_gpu_script_keeps_later_stages_time_and_skips_what_does_not_fit(tmp_path):
+    # The scaling sweep would eat into the TRL anchor's 190 s, so it is skipped (225 - 190 < its 40 s, however
+    # long the script's preamble takes); the anchor then runs (and fails at once here: no TRL_ANCHOR), and its
+    # failure does not stop the script.
+    done = _gpu_checks(tmp_path, "bench-scaling trl-anchor", 225)
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert done.returncode == 0
+    assert "SKIP bench-scaling" in log
+    assert "START trl-anchor" in log and "END trl-anchor rc=1" in log and "TRL_ANCHOR is not set" in log
