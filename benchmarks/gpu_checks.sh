@@ -5,7 +5,8 @@
 #
 #   OUT=/tmp/gpu DEADLINE_S=580 bash benchmarks/gpu_checks.sh
 #
-# STAGES="names" picks the stages and their order (default below): build kernel-tests bench-ops
+# STAGES="names" picks the stages and their order (unset: the default below; empty: none, e.g. to
+# only pretrain): build kernel-tests bench-ops
 # bench-variants bench-microstep bench-compiled bench-reduce-overhead bench-trainer trl-anchor
 # bench-scaling. Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its
 # cap, never into the needs of the stages after it, and is skipped when less than its own need is
@@ -18,7 +19,7 @@
 set -u
 OUT=${OUT:-/tmp/pxpo-gpu}
 DEADLINE_S=${DEADLINE_S:-580}
-STAGES=${STAGES:-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
+STAGES=${STAGES-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
 # The least time (seconds) worth starting each stage with: a stage cut short measures nothing.
 declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40
   [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
