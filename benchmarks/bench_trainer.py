@@ -9,7 +9,8 @@ metric, value, unit) with the device, versions and date:
 - ``epoch``: whole epochs (sampling with guidance, rewards, advantages, training on every timestep) at the
   settings of ``shared/anchors/trl_ddpo_throughput.py`` (50 steps, 2 x 8 samples, train batch 4, LoRA rank 4,
   fp16): seconds per epoch, samples per second (best epoch after the first) and peak GPU memory.
-- ``scaling``: micro-step and sampling-step time and peak memory over batch size and image size.
+- ``scaling``: micro-step and sampling-step time and peak memory over batch size and image size, and whole
+  epochs over the number of denoising steps.
 
 With ``--compile MODE`` a ``gradcheck`` row comes first: the compiled UNet's gradient against the eager one on
 one micro-step (relative difference; the trainer refuses to train above 5%).
@@ -275,7 +276,8 @@ def bench_variants(record: Recorder, trainer: PXPOTrainer, args) -> None:
     trainer.scheduler.set_timesteps(trainer.config.sample_num_steps)
 
 
-def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str, variant: str = "") -> None:
+def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: str, variant: str = "",
+                 bench: str = "epoch") -> None:
     c = trainer.config
     setting = dict(algorithm=c.algorithm, precision=c.mixed_precision, batch=c.sample_batch_size,
                    resolution=trainer.image_size, steps=c.sample_num_steps, variant=variant)
@@ -288,11 +290,11 @@ def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: st
         trainer.step(epoch)
         sync(device)
         times.append(time.perf_counter() - t0)
-        record("epoch", "epoch_s", times[-1], "s", **setting)
+        record(bench, "epoch_s", times[-1], "s", **setting)
     best = min(times[1:]) if len(times) > 1 else times[0]
-    record("epoch", "samples_per_s", trainer.samples_per_epoch / best, "samples/s", **setting)
+    record(bench, "samples_per_s", trainer.samples_per_epoch / best, "samples/s", **setting)
     if device == "cuda":
-        record("epoch", "peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
+        record(bench, "peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
 
 
 def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:
@@ -326,7 +328,8 @@ def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:
 
 
 def plot(csv_path: str, figure: str) -> None:
-    """Scaling rows of ``csv_path`` as a figure: time and memory against batch size and image size."""
+    """Scaling rows of ``csv_path`` as a figure: time and memory against batch size and image size, and epoch
+    time against denoising steps where the CSV has those rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,7 +339,11 @@ def plot(csv_path: str, figure: str) -> None:
     if not rows:
         raise SystemExit(f"{csv_path} holds no scaling rows")
     base = max(int(r["resolution"]) for r in rows if r["metric"] == "ms_per_sampling_step")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = {}  # denoising steps -> best epoch time (the first epoch of each warms up)
+    for r in rows:
+        if r["metric"] == "epoch_s":
+            steps[int(r["steps"])] = min(float(r["value"]), steps.get(int(r["steps"]), float("inf")))
+    fig, axes = plt.subplots(1, 4 if steps else 3, figsize=(17 if steps else 13, 3.6))
     series = [("ms_per_microstep", "training micro-step"), ("ms_per_sampling_step", "sampling step")]
     for metric, label in series:
         pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
@@ -360,6 +367,9 @@ def plot(csv_path: str, figure: str) -> None:
                      if r["metric"] == "ms_per_microstep" and int(r["batch"]) == batch)
         axes[2].plot(*zip(*pts), "o-")
         axes[2].set(xlabel="image side (px)", ylabel="ms", title=f"micro-step vs image size (batch {batch})")
+    if steps:
+        axes[3].plot(*zip(*sorted(steps.items())), "o-")
+        axes[3].set(xlabel="denoising steps", ylabel="s", title="epoch time vs steps", xlim=(0, None), ylim=(0, None))
     fig.suptitle(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(figure, dpi=110)
@@ -380,6 +390,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed micro-steps per measurement")
     p.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 768], help="image sides besides the base")
+    p.add_argument("--scaling-steps", type=int, nargs="*", default=[10, 25],
+                   help="denoising step counts timed as whole epochs (besides the base 50, which --benches epoch times)")
     p.add_argument("--compile", default="no", choices=COMPILE_MODES, help="the trainer's compile_unet setting")
     p.add_argument("--out", default="benchmarks/results/trainer.csv")
     p.add_argument("--plot", metavar="CSV", help="only draw the scaling figure of this CSV")
@@ -389,7 +401,7 @@ def main(argv=None) -> None:
         plot(args.plot, args.figure)
         return
     if args.tiny:
-        args.scaling_batches, args.scaling_sizes, args.reps = [1, 2], [32], 2
+        args.scaling_batches, args.scaling_sizes, args.scaling_steps, args.reps = [1, 2], [32], [2], 2
     steps = 4 if args.tiny else 50
     dtype = DTYPES[args.precision]
     record = Recorder(args.out, args.device)
@@ -418,6 +430,15 @@ def main(argv=None) -> None:
         ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo", **options)
         bench_epochs(record, ddpo, args.ddpo_epochs, args.device, variant_name(args))
         ddpo.close()
+    if "scaling" in args.benches:
+        # Denoising steps: whole pxpo epochs (the first warms up), each step count on a fresh trainer (the
+        # trainer's step tables are fixed at construction), so that the fixed per-epoch costs show too.
+        for num_steps in args.scaling_steps:
+            trainer = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device,
+                                   **{**options, "sample_num_steps": num_steps})
+            bench_epochs(record, trainer, 2, args.device, variant_name(args), bench="scaling")
+            trainer.close()
+            del trainer
 
 
 if __name__ == "__main__":

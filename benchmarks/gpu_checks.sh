@@ -121,7 +121,7 @@ for name in $STAGES; do
     bench-reduce-overhead) stage bench-reduce-overhead 300 bash -c "run_compiled reduce-overhead" ;;
     bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;
     trl-anchor) stage trl-anchor 200 bash -c run_trl_anchor ;;
-    bench-scaling) stage bench-scaling 120 bash -c run_bench_scaling ;;
+    bench-scaling) stage bench-scaling 200 bash -c run_bench_scaling ;;
   esac
 done
 if [[ -n "$PRETRAIN_PID" ]]; then log "waiting for pretrain"; wait "$PRETRAIN_PID"; fi

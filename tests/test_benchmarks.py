@@ -33,6 +33,18 @@ def test_trainer_benchmark_writes_its_rows(tmp_path):
     assert not any(r["bench"] == "gradcheck" for r in rows)  # eager: nothing to check
 
 
+def test_scaling_benchmark_sweeps_batch_size_and_steps_and_plots_them(tmp_path):
+    rows = _bench_trainer(tmp_path, "--benches", "scaling")
+    batches = {int(r["batch"]) for r in rows if r["metric"] == "ms_per_microstep"}
+    sides = {int(r["resolution"]) for r in rows if r["metric"] == "ms_per_microstep"}
+    steps = {int(r["steps"]) for r in rows if r["bench"] == "scaling" and r["metric"] == "epoch_s"}
+    assert batches == {1, 2} and len(sides) == 2 and steps == {2}
+    figure = tmp_path / "scaling.png"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer.py"), "--plot", str(tmp_path / "trainer.csv"),
+                    "--figure", str(figure)], check=True, cwd=tmp_path, capture_output=True)
+    assert figure.stat().st_size > 0
+
+
 def test_compiled_trainer_benchmark_records_its_gradient_check(tmp_path):
     rows = _bench_trainer(tmp_path, "--compile", "default", "--benches", "microstep", "--reps", "1")
     checks = [r for r in rows if r["bench"] == "gradcheck"]
