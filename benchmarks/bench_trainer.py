@@ -335,7 +335,8 @@ def plot(csv_path: str, figure: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in csv.DictReader(open(csv_path)) if r["bench"] == "scaling"]
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["bench"] == "scaling"]
     if not rows:
         raise SystemExit(f"{csv_path} holds no scaling rows")
     base = max(int(r["resolution"]) for r in rows if r["metric"] == "ms_per_sampling_step")
