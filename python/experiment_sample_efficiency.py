@@ -12,7 +12,8 @@ with the same seed draw the same initial noise in their first epoch. Writes, und
     sample_efficiency_runs.csv       every run, every epoch
     sample_efficiency_summary.csv    per method: chosen lr, final reward over seeds, held-out reward; the
                                      queries PXPO needs to reach DDPO's final reward, and both need to
-                                     reach DDPO's best
+                                     reach DDPO's best; PXPO - DDPO seed by seed (final, mean over the
+                                     run, held out) with a 95% bootstrap interval over seeds
     sample_efficiency_provenance.json command, machine, seeds, wall time, the headline numbers
 
 Usage::
@@ -122,10 +123,18 @@ def main(argv=None):
     best_reach = {"pxpo": curves.queries_to_reach(queries, pxpo_curve, ddpo_best),
                   "ddpo": curves.queries_to_reach(queries, ddpo_curve, ddpo_best)}
 
+    held_outs = {m: [sum(r.eval_rewards) / len(r.eval_rewards) for r in seed_results if r.spec.algorithm == m]
+                 for m in METHODS}
+    # Seed by seed (runs with one seed share their first epoch's noise): is PXPO's edge more than the seed spread?
+    paired = {"final_reward": curves.paired_difference(finals["pxpo"], finals["ddpo"]),
+              "mean_reward_after_start": curves.paired_difference(*(curves.mean_after_start(stacked[m][1])
+                                                                    for m in METHODS)),
+              "held_out_reward": curves.paired_difference(held_outs["pxpo"], held_outs["ddpo"])}
+
     summary = []
     for m in METHODS:
         runs = [r for r in seed_results if r.spec.algorithm == m]
-        held_out = [sum(r.eval_rewards) / len(r.eval_rewards) for r in runs]
+        held_out = held_outs[m]
         summary.append({
             "method": m, "chosen_lr": chosen[m], "lrs_tried": " ".join(f"{lr:g}" for lr in args.lrs),
             "seeds": " ".join(str(s) for s in args.seeds), "queries": int(budget),
@@ -142,6 +151,10 @@ def main(argv=None):
                     "seeds": " ".join(f"{q:.0f}" if math.isfinite(q) else "never" for q in per_seed_reach)})
     summary.append({"method": "queries to reach ddpo's best (seed-mean curve)", "final_reward_mean": ddpo_best,
                     "queries": best_reach["pxpo"], "chosen_lr": None, "seeds": f"ddpo {best_reach['ddpo']:.0f}"})
+    for name, d in paired.items():
+        summary.append({"method": f"pxpo - ddpo, {name.replace('_', ' ')}, paired over seeds",
+                        "final_reward_mean": d["mean"], "ci95_low": d["ci_low"], "ci95_high": d["ci_high"],
+                        "seeds": f"pxpo higher in {d['a_higher']} of {d['seeds']}", "chosen_lr": None})
     figures.write_csv(out / "sample_efficiency_summary.csv", summary)
 
     figures.save_png(figures.efficiency_figure(
@@ -157,7 +170,7 @@ def main(argv=None):
                train_config=config, lr_search=grid_scores, chosen_lr=chosen, ddpo_final_reward=ddpo_final,
                pxpo_queries_to_reach_ddpo_final=reach, pxpo_per_seed_queries_to_reach=per_seed_reach,
                budget=budget, ddpo_improved=ddpo_improved, query_gain=gain, ddpo_best_reward=ddpo_best,
-               queries_to_reach_ddpo_best=best_reach, summary=summary, jobs=args.jobs)
+               queries_to_reach_ddpo_best=best_reach, paired_over_seeds=paired, summary=summary, jobs=args.jobs)
     record.write(out)
     for row in summary:
         print(row)
@@ -165,6 +178,9 @@ def main(argv=None):
           f"{reach:.1f} queries (seed-mean curve, 2-epoch trailing mean)")
     print(f"DDPO's best reward (seed-mean, 2-epoch trailing mean) {ddpo_best:.4f}: DDPO reaches it after "
           f"{best_reach['ddpo']:.0f} queries, PXPO after {best_reach['pxpo']:.0f} (nan: never)")
+    for name, d in paired.items():
+        print(f"PXPO - DDPO, {name.replace('_', ' ')}: {d['mean']:+.4f} (95% bootstrap interval over seeds "
+              f"{d['ci_low']:+.4f} to {d['ci_high']:+.4f}); PXPO higher in {d['a_higher']} of {d['seeds']} seeds")
     if ddpo_improved:
         print(f"PXPO needs {gain:.2f}x fewer queries to reach DDPO's final reward")
     else:

@@ -48,6 +48,21 @@ def test_summary_smoothing_final_reward_and_choice():
     assert curves.best_setting({3e-4: -0.2, 1e-3: -0.1, 3e-3: -0.1}) == 1e-3  # ties go to the first listed
 
 
+def test_paired_difference_counts_seeds_and_brackets_the_mean():
+    a, b = [0.3, 0.1, 0.5, 0.2], [0.1, 0.2, 0.1, 0.1]
+    stats = curves.paired_difference(a, b)
+    assert stats["mean"] == pytest.approx(0.15)
+    assert (stats["a_higher"], stats["a_lower"], stats["equal"], stats["seeds"]) == (3, 1, 0, 4)
+    assert stats["ci_low"] <= stats["mean"] <= stats["ci_high"]
+    assert -0.1 <= stats["ci_low"] and stats["ci_high"] <= 0.4  # within the per-seed differences' range
+    assert curves.paired_difference(a, b) == stats  # a fixed generator: reproducible
+    same = curves.paired_difference(b, b)
+    assert same["mean"] == same["ci_low"] == same["ci_high"] == 0.0 and same["equal"] == 4
+    with pytest.raises(ValueError, match="equal-length"):
+        curves.paired_difference([1.0, 2.0], [1.0])
+    assert curves.mean_after_start([[9.0, 1.0, 3.0], [0.0, 2.0, 2.0]]).tolist() == [2.0, 2.0]
+
+
 def test_cycling_prompts_repeat_in_order_with_fixed_noise_and_resume():
     source = CyclingPrompts(["a", "b", "c"], noise_seed=100)
     assert [source() for _ in range(4)] == [("a", {"seed": 100}), ("b", {"seed": 101}), ("c", {"seed": 102}),
@@ -164,6 +179,9 @@ def test_sample_efficiency_quick(tiny_model, tmp_path, captions):
     assert {r["method"] for r in runs} == {"pxpo", "ddpo"}
     assert set(record["chosen_lr"]) == {"pxpo", "ddpo"} and record["budget"] == 4.0
     assert (out / "sample_efficiency.png").stat().st_size > 0 and (out / "sample_efficiency_lr_grid.png").exists()
+    paired = record["paired_over_seeds"]
+    assert set(paired) == {"final_reward", "mean_reward_after_start", "held_out_reward"}
+    assert all(d["seeds"] == 2 and d["ci_low"] <= d["mean"] <= d["ci_high"] for d in paired.values())
 
 
 @pytest.mark.parametrize("name, models", [("experiment_colour", ["initial", "pxpo", "ddpo"]),

@@ -61,3 +61,26 @@ def best_setting(scores: dict) -> object:
     if not scores:
         raise ValueError("no settings to choose from")
     return max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+
+
+def paired_difference(a, b, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """``a - b`` over paired seeds (same index, same seed): the mean difference, a 95% percentile bootstrap
+    interval of that mean over seeds (resampled with a fixed generator, so it is reproducible), and in how
+    many seeds ``a`` is higher, lower or equal. With few seeds the interval is rough; it says whether the
+    seed spread alone could explain the difference."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired_difference needs two equal-length lists of per-seed values, got {a.shape} and {b.shape}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci_low": float(low), "ci_high": float(high), "seeds": len(diff),
+            "a_higher": int((diff > 0).sum()), "a_lower": int((diff < 0).sum()), "equal": int((diff == 0).sum())}
+
+
+def mean_after_start(rewards) -> np.ndarray:
+    """Each run's mean reward over its epochs after the first (the area under its learning curve, per
+    epoch): the first epoch samples the initial model, the same for every method at one seed."""
+    values = np.asarray(rewards, dtype=np.float64)
+    return values[..., 1:].mean(axis=-1)
