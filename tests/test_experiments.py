@@ -177,6 +177,7 @@ def test_sample_efficiency_quick(tiny_model, tmp_path, captions):
     # 2 learning rates x 2 methods at seed 0, then seed 1 for each method (seed 0 reused), 2 epochs each
     assert len(runs) == (2 * 2 + 2) * 2
     assert {r["method"] for r in runs} == {"pxpo", "ddpo"}
+    assert all(r["held_out_reward"] != "" for r in runs)
     assert set(record["chosen_lr"]) == {"pxpo", "ddpo"} and record["budget"] == 4.0
     assert (out / "sample_efficiency.png").stat().st_size > 0 and (out / "sample_efficiency_lr_grid.png").exists()
     paired = record["paired_over_seeds"]
