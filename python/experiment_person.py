@@ -1,8 +1,8 @@
 """Experiment 3 (a person): one prompt and seed, a scripted person who wants one region red.
 
 The person points at the object the caption names in the initial image (found by
-pxpo_ext.judge; a centred square if none is found) and asks "make this red, leave the rest as
-it is": each round, PXPO trains --epochs-per-round epochs of 8 samples of the prompt, started
+pxpo_ext.judge; a centred square if none is found), or with --region top/bottom at that half of
+the background, and asks "make this red (--colour), leave the rest as it is": each round, PXPO trains --epochs-per-round epochs of 8 samples of the prompt, started
 from the noises of --noise-seeds seeds in turn (the seed's own first), with the person's per-pixel
 marks on every sample (pxpo_ext.experiments.person: the region in the colour, the rest of the
 canvas as in the image the person saw), then the image for the prompt and seed is rendered again.
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--noise-seeds", type=int, default=8,
                         help="samples start from the noises of seeds SEED..SEED+N-1 in turn; with 1 they all share the "
                              "seed's noise and, on the embedded model, differ too little to rank (docs/experiments.md)")
+    parser.add_argument("--region", choices=["object", "top", "bottom"], default="object",
+                        help="what the person points at: the caption's object, or the top or bottom half of the "
+                             "background (\"make the top half <colour>\")")
     parser.add_argument("--region-seed", type=int, default=None,
                         help="point at the caption's object as drawn from this seed's noise instead (\"put it here\")")
     parser.add_argument("--outside", choices=["keep", "unmarked"], default="keep",
@@ -95,7 +98,8 @@ def main(argv=None):
     try:
         original = trainer.generate([args.prompt], [args.seed])[0].cpu()
         pointed = original if args.region_seed is None else trainer.generate([args.prompt], [args.region_seed])[0].cpu()
-        region, how = person.target_region(pointed, args.prompt)
+        region, how = (person.target_region(pointed, args.prompt) if args.region == "object"
+                       else person.background_half(pointed, args.region))
         if args.region_seed is not None:
             how += f" in the image of seed {args.region_seed}"
         holder["person"] = person.RegionColourPerson(region, args.colour, original, keep_outside=args.outside == "keep")
@@ -126,7 +130,8 @@ def main(argv=None):
     figures.write_csv(out / "person_rounds.csv", rows)
     figures.save_png(rounds_figure(images, titles, region), out / "person_rounds.png", dpi=150)
     record.add(prompt=args.prompt, seed=args.seed, colour=args.colour, region=how,
-               region_pixels=int((region > 0.5).sum()), region_seed=args.region_seed, outside=args.outside,
+               region_pixels=int((region > 0.5).sum()), region_kind=args.region, region_seed=args.region_seed,
+               outside=args.outside,
                lr=args.lr, noise_seeds=args.noise_seeds,
                epochs_per_round=args.epochs_per_round,
                samples_per_epoch=config["sample_batch_size"], done_threshold=args.done,

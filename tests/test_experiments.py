@@ -139,6 +139,21 @@ def test_scripted_person_prefers_red_in_the_region_and_the_original_outside():
     assert person.outside_change(painted, original, region) == 0.0
 
 
+def test_background_half_is_that_half_less_the_objects_and_their_rims():
+    scene = next(sc for sc in (SceneGenerator(image_size=64, seed=7).sample(i) for i in range(50))
+                 if len(sc.objects) == 1 and sc.objects[0]["mask"][:32].sum() > 0 and sc.objects[0]["mask"][32:].sum() == 0)
+    obj = torch.as_tensor(scene.objects[0]["mask"]).float()
+    top, how = person.background_half(torch.as_tensor(scene.image), "top")
+    assert how.startswith("the top half of the background")
+    assert top[32:].sum() == 0  # nothing of the bottom half
+    assert (top * obj).sum() == 0  # not the object
+    assert 0 < top.sum() < 32 * 64 - obj.sum()  # the rest of the top half, less a rim around the object
+    bottom, _ = person.background_half(torch.as_tensor(scene.image), "bottom")
+    assert bottom[:32].sum() == 0 and bottom[32:].sum() == 32 * 64  # no object there: the whole half
+    with pytest.raises(ValueError, match="'top' or 'bottom'"):
+        person.background_half(torch.as_tensor(scene.image), "left")
+
+
 def test_write_csv_unions_the_columns(tmp_path):
     path = figures.write_csv(tmp_path / "x.csv", [{"a": 1, "b": 0.5}, {"a": 2, "c": float("nan")}])
     rows = list(csv.DictReader(path.open()))

@@ -60,6 +60,23 @@ def target_region(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]
     return region, "a centred square (the judge found no object)"
 
 
+def background_half(image: torch.Tensor, half: str) -> tuple[torch.Tensor, str]:
+    """The region a person would paint to recolour part of the background: the ``"top"`` or ``"bottom"``
+    half of the canvas, less every object the judge finds (and a 2-pixel rim around each, where their
+    edges blur into the background)."""
+    if half not in ("top", "bottom"):
+        raise ValueError(f"half must be 'top' or 'bottom', got {half!r}")
+    height, width = image.shape[-2:]
+    region = torch.zeros(height, width)
+    rows = slice(0, height // 2) if half == "top" else slice(height // 2, height)
+    region[rows] = 1
+    objects = torch.zeros(height, width)
+    for obj in detect_objects(image):
+        objects = torch.maximum(objects, obj["mask"].float())
+    rim = torch.nn.functional.max_pool2d(objects[None, None], kernel_size=5, stride=1, padding=2)[0, 0]
+    return region * (1 - rim), f"the {half} half of the background (less {int(rim[rows].sum())} object pixels)"
+
+
 def colour_fraction(image: torch.Tensor, region: torch.Tensor, colour: str) -> float:
     """Fraction of the region's pixels whose nearest palette colour (the judge's segmentation) is ``colour``."""
     labels = torch.from_numpy(segment_colours(image))
