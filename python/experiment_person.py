@@ -2,11 +2,12 @@
 
 The person points at the object the caption names in the initial image (found by
 pxpo_ext.judge; a centred square if none is found), or with --region top/bottom at that half of
-the background, and asks "make this red (--colour), leave the rest as it is": each round, PXPO trains --epochs-per-round epochs of 8 samples of the prompt, started
-from the noises of --noise-seeds seeds in turn (the seed's own first), with the person's per-pixel
-marks on every sample (pxpo_ext.experiments.person: the region in the colour, the rest of the
-canvas as in the image the person saw), then the image for the prompt and seed is rendered again.
-It stops when at least --done of the region is red (the judge's palette segmentation) or after
+the background, and asks "make this red (--colour), leave the rest as it is": each round, PXPO
+trains --epochs-per-round epochs of 8 samples of the prompt, started from the noises of
+--noise-seeds seeds in turn (the seed's own first), with the person's per-pixel marks on every
+sample (pxpo_ext.experiments.person: the region in the colour, the rest of the canvas as in the
+image the person saw), then the image for the prompt and seed is rendered again. It stops when
+at least --done of the region has the colour (the judge's palette segmentation) or after
 --max-rounds. Writes, under --out:
 
     person_rounds.png          the region, the image before, and after every round

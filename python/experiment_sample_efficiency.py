@@ -101,7 +101,7 @@ def main(argv=None):
     # Each run's held-out reward rides on its rows, so that the CSV alone allows a re-analysis seed by seed.
     rows = [{"phase": r.spec.name.split("-")[0], "method": r.spec.algorithm, "lr": r.spec.learning_rate,
              "seed": r.spec.seed, **point, "run_seconds": round(r.seconds, 1),
-             "held_out_reward": sum(r.eval_rewards) / len(r.eval_rewards) if r.eval_rewards else None}
+             "held_out_reward": r.eval_reward}
             for r in grid_results + fresh for point in r.curve]
     figures.write_csv(out / "sample_efficiency_runs.csv", rows)
 
@@ -125,8 +125,7 @@ def main(argv=None):
     best_reach = {"pxpo": curves.queries_to_reach(queries, pxpo_curve, ddpo_best),
                   "ddpo": curves.queries_to_reach(queries, ddpo_curve, ddpo_best)}
 
-    held_outs = {m: [sum(r.eval_rewards) / len(r.eval_rewards) for r in seed_results if r.spec.algorithm == m]
-                 for m in METHODS}
+    held_outs = {m: [r.eval_reward for r in seed_results if r.spec.algorithm == m] for m in METHODS}
     # Seed by seed (runs with one seed share their first epoch's noise): is PXPO's edge more than the seed spread?
     paired = {"final_reward": curves.paired_difference(finals["pxpo"], finals["ddpo"]),
               "mean_reward_after_start": curves.paired_difference(*(curves.mean_after_start(stacked[m][1])

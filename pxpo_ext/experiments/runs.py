@@ -66,6 +66,11 @@ class RunResult:
     def rewards(self) -> list[float]:
         return [float(r["reward_mean"]) for r in self.curve]
 
+    @property
+    def eval_reward(self) -> float | None:
+        """The mean reward of the evaluation images after training (``None`` without an evaluation set)."""
+        return sum(self.eval_rewards) / len(self.eval_rewards) if self.eval_rewards else None
+
 
 def make_trainer(spec: RunSpec, reward_fn=None, prompt_fn=None, pipeline=None):
     """The :class:`~pxpo_ext.trainer.PXPOTrainer` for ``spec``; ``reward_fn``/``prompt_fn`` override the spec's."""
