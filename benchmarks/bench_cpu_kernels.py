@@ -3,7 +3,8 @@
 B=16, C=4, 64x64 latents, PPO, random weights; for every row and thread count the reference and the native
 kernel are timed alternately (so a change in the machine's load hits both) and the best of ``--runs`` is
 reported in milliseconds. The loss rows time ``pxpo_loss_and_grad`` against the reference's autograd forward
-and backward (``reference.pxpo_loss_and_grad``); the log-prob rows time the forward alone.
+and backward (``reference.pxpo_loss_and_grad``); the log-prob rows time the forward alone. After the
+table, the pooling's memory floor: both of its input maps read once (``torch.sum`` of each).
 
     PXPO_REQUIRE_NATIVE=1 python benchmarks/bench_cpu_kernels.py --threads 1 2
 """
@@ -43,11 +44,25 @@ def logprob_case(gran: int):
     return (lambda: ref.gaussian_logprob(x, mean, std, gran)), (lambda: _native.gaussian_logprob(x, mean, std, gran))
 
 
-def pool_case():
+def pool_inputs():
     g = torch.Generator().manual_seed(0)
-    reward = torch.randn(B, IMG, IMG, generator=g)
-    weight = torch.rand(B, IMG, IMG, generator=g)
+    return torch.randn(B, IMG, IMG, generator=g), torch.rand(B, IMG, IMG, generator=g)
+
+
+def pool_case():
+    reward, weight = pool_inputs()
     return (lambda: ref.reward_to_latent(reward, weight, H, W)), (lambda: _native.reward_to_latent(reward, weight, H, W))
+
+
+def pool_floor_ms(runs: int) -> float:
+    """The pooling's memory floor: both inputs read once (``torch.sum`` of each), best of ``runs``."""
+    reward, weight = pool_inputs()
+    best = float("inf")
+    for _ in range(runs + 2):
+        t0 = time.perf_counter()
+        reward.sum(), weight.sum()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
 
 
 def rows():
@@ -88,15 +103,23 @@ def main():
                       for n in args.threads)
     print(f"| op, granularity, dtype | {head} |")
     print("| --- |" + " ---: | ---: | ---: |" * len(args.threads))
+    pooled = False
     for name, f_ref, f_cpu in rows():
         if args.only and args.only not in name:
             continue
+        pooled |= name.startswith("reward_to_latent")
         cells = []
         for n in args.threads:
             torch.set_num_threads(n)
             r, c = best_pair_ms(f_ref, f_cpu, args.runs)
             cells += [fmt(r), fmt(c), f"{r / c:.2g}x" if r / c < 10 else f"{r / c:.0f}x"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if pooled:
+        floors = []
+        for n in args.threads:
+            torch.set_num_threads(n)
+            floors.append(f"{fmt(pool_floor_ms(args.runs))} ms at {n} thread{'s' * (n > 1)}")
+        print("reward_to_latent's floor, both inputs read once (torch.sum of each): " + ", ".join(floors))
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 
