@@ -139,6 +139,20 @@ def test_scripted_person_prefers_red_in_the_region_and_the_original_outside():
     assert person.outside_change(painted, original, region) == 0.0
 
 
+def test_scripted_person_grades_the_outside_against_the_image_from_the_samples_own_noise():
+    original = torch.zeros(3, 8, 8)
+    original[2] = 1.0  # the image the person saw: all blue
+    drawn_from_5 = torch.zeros(3, 8, 8)
+    drawn_from_5[0] = 1.0  # what the initial model drew from noise seed 5: all red
+    region = torch.zeros(8, 8)
+    region[2:6, 2:6] = 1
+    judge = person.RegionColourPerson(region, "red", original, before_by_seed={5: drawn_from_5})
+    out = judge(torch.stack([drawn_from_5, drawn_from_5]), ["p", "p"], [{"seed": 5}, {"seed": 9}])
+    assert out.reward[0, 0, 0] == 0.0  # as drawn from its own noise: the best score outside
+    assert out.reward[1, 0, 0] < 0.0  # seed 9 has no image of its own: graded against the image the person saw
+    assert torch.equal(out.reward[0, 3, 3], out.reward[1, 3, 3])  # the region is graded the same way for both
+
+
 def test_background_half_is_that_half_less_the_objects_and_their_rims():
     scene = next(sc for sc in (SceneGenerator(image_size=64, seed=7).sample(i) for i in range(50))
                  if len(sc.objects) == 1 and sc.objects[0]["mask"][:32].sum() > 0 and sc.objects[0]["mask"][32:].sum() == 0)
@@ -152,6 +166,26 @@ def test_background_half_is_that_half_less_the_objects_and_their_rims():
     assert bottom[:32].sum() == 0 and bottom[32:].sum() == 32 * 64  # no object there: the whole half
     with pytest.raises(ValueError, match="'top' or 'bottom'"):
         person.background_half(torch.as_tensor(scene.image), "left")
+
+
+def test_extra_object_is_what_the_caption_does_not_name_and_the_rest_is_judged_object_by_object():
+    scene = next(sc for sc in (SceneGenerator(image_size=64, seed=7).sample(i) for i in range(50))
+                 if len(sc.objects) == 2 and len(sc.background) == 1)
+    image = torch.as_tensor(scene.image)
+    first, second = scene.objects
+    with pytest.raises(ValueError, match="nothing in this image beyond"):
+        person.extra_object(image, scene.caption)  # both objects named
+    only_first = f"a {first['colour']} {first['shape']} on a {scene.background[0]} background"
+    region, how = person.extra_object(image, only_first)
+    assert torch.equal(region.bool(), torch.as_tensor(second["mask"]))
+    assert how == f"the {second['colour']} {second['shape']} the judge found, which the caption does not name"
+    assert person.objects_outside(image, region) == [f"{first['colour']} {first['shape']}"]
+    assert person.region_colour(image, region) == second["colour"]  # the control asks for what is there
+    assert person.objects_outside(image, torch.zeros(64, 64)) == sorted(f"{o['colour']} {o['shape']}"
+                                                                        for o in scene.objects)
+    assert person.background_colour(only_first) == scene.background[0]
+    with pytest.raises(ValueError, match="two-tone background"):
+        person.background_colour("a red circle on a white and blue background")
 
 
 def test_write_csv_unions_the_columns(tmp_path):
@@ -211,12 +245,15 @@ def test_before_after_experiments_quick(tiny_model, tmp_path, name, models):
     assert (out / f"{prefix}_grid.png").exists() and (out / f"{prefix}_results.csv").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--region-seed", "3", "--outside", "unmarked", "--noise-seeds", "1"]])
+@pytest.mark.parametrize("extra", [[], ["--region-seed", "3", "--outside", "unmarked", "--noise-seeds", "1",
+                                         "--colour", "background"]])
 def test_person_experiment_quick(tiny_model, tmp_path, extra):
     record, out = run_quick("experiment_person", tiny_model, tmp_path, *extra)
     assert record["noise_seeds"] == (1 if extra else 8) and record["outside"] == ("unmarked" if extra else "keep")
     assert ("seed 3" in record["region"]) == bool(extra)
+    assert record["colour"] == ("white" if extra else "red")  # the default prompt's background is white
     rounds = record["rounds"]
     assert [r["round"] for r in rounds][:2] == [0, 1] and len(rounds) <= 3
     assert all(0.0 <= r["colour_fraction"] <= 1.0 for r in rounds)
+    assert rounds[0]["rest_kept"] and all(isinstance(r["objects_outside"], str) for r in rounds)
     assert (out / "person_rounds.png").exists()

@@ -21,9 +21,15 @@ NAME = "scripted_person"
 
 
 class RegionColourPerson:
-    """Reward ``(B, H, W)`` with full weight: closeness to ``colour`` in ``region``, to ``original`` elsewhere."""
+    """Reward ``(B, H, W)`` with full weight: closeness to ``colour`` in ``region``, to ``original`` elsewhere.
 
-    def __init__(self, region: torch.Tensor, colour: str, original: torch.Tensor, keep_outside: bool = True):
+    ``before_by_seed`` (optional): the initial model's image from each noise seed. A sample whose
+    ``metadata["seed"]`` is in it is graded outside the region against the image from its own noise
+    ("leave the rest as the model drew it") instead of ``original``, the image the person saw: samples
+    from other noises then are not pushed toward that image's layout."""
+
+    def __init__(self, region: torch.Tensor, colour: str, original: torch.Tensor, keep_outside: bool = True,
+                 before_by_seed: dict[int, torch.Tensor] | None = None):
         if region.dim() != 2 or tuple(original.shape[-2:]) != tuple(region.shape):
             raise ValueError(f"the region {tuple(region.shape)} and the original image {tuple(original.shape)} "
                              "must have the same height and width")
@@ -31,6 +37,7 @@ class RegionColourPerson:
         self.region = region.float()
         self.original = original.float()
         self.keep_outside = keep_outside
+        self.before_by_seed = {int(k): v.float() for k, v in (before_by_seed or {}).items()}
         self.toward = ColourReward(mode="target", target=colour)
 
     def __call__(self, images, prompts=None, metadata=None) -> RewardOutput:
@@ -39,7 +46,9 @@ class RegionColourPerson:
         inside = self.toward(images)
         if not self.keep_outside:
             return RewardOutput(inside, weight=region.expand_as(inside).clone())
-        keep = -(images - self.original.to(images.device)).norm(dim=1) / math.sqrt(3)
+        seeds = [(m or {}).get("seed") for m in (metadata or [{}] * images.shape[0])]
+        before = torch.stack([self.before_by_seed.get(s, self.original) for s in seeds]).to(images.device)
+        keep = -(images - before).norm(dim=1) / math.sqrt(3)
         return RewardOutput(region * inside + (1 - region) * keep)
 
 
@@ -58,6 +67,46 @@ def target_region(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]
     region = torch.zeros(height, width)
     region[height // 3:2 * height // 3, width // 3:2 * width // 3] = 1
     return region, "a centred square (the judge found no object)"
+
+
+def extra_object(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]:
+    """The region a person would point at to remove what the prompt did not ask for: the first object the judge
+    finds once every object the caption names has been matched to one found object of its colour and shape."""
+    wanted = [tuple(o) for o in parse_caption(caption)["objects"]]
+    for obj in detect_objects(image):
+        if (obj["colour"], obj["shape"]) in wanted:
+            wanted.remove((obj["colour"], obj["shape"]))
+            continue
+        return obj["mask"].float(), f"the {obj['colour']} {obj['shape']} the judge found, which the caption does not name"
+    raise ValueError(f"the judge finds nothing in this image beyond what {caption!r} names: choose another seed, "
+                     "or point at a named object (--region object)")
+
+
+def background_colour(caption: str) -> str:
+    """The caption's plain background colour (what a removed object's pixels should become)."""
+    background = parse_caption(caption)["background"]
+    if len(background) != 1:
+        raise ValueError(f"{caption!r} has a two-tone background ({' and '.join(background)}): name the colour the "
+                         "region should take instead of 'background'")
+    return background[0]
+
+
+def region_colour(image: torch.Tensor, region: torch.Tensor) -> str:
+    """The palette colour most of the region's pixels have (the judge's segmentation): asking for it is
+    asking to keep the region as it is, the control of a "make this <colour>" run."""
+    labels = torch.from_numpy(segment_colours(image))[region > 0.5]
+    labels = labels[labels >= 0]
+    if labels.numel() == 0:
+        raise ValueError("no pixel of the region is near a palette colour")
+    return list(COLOURS)[int(labels.mode().values)]
+
+
+def objects_outside(image: torch.Tensor, region: torch.Tensor) -> list[str]:
+    """The objects the judge finds mostly (more than half of their pixels) outside the region, as sorted
+    ``"<colour> <shape>"`` names: what "leave the rest as it is" keeps, object by object."""
+    inside = region > 0.5
+    return sorted(f"{o['colour']} {o['shape']}" for o in detect_objects(image)
+                  if (o["mask"] & inside).sum() * 2 < o["mask"].sum())
 
 
 def background_half(image: torch.Tensor, half: str) -> tuple[torch.Tensor, str]:
