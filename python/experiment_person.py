@@ -60,14 +60,14 @@ def parse_args(argv=None):
     parser.add_argument("--region-seed", type=int, default=None,
                         help="point at the caption's object as drawn from this seed's noise instead (\"put it here\")")
     parser.add_argument("--outside", choices=["keep", "keep-own-noise", "unmarked"], default="keep",
-                        help="'keep': the rest of the canvas is liked as in the image the person saw; 'keep-own-noise': "
-                             "as in the initial model's image from the sample's own noise; 'unmarked': only the "
-                             "region is marked (weight 0 elsewhere)")
+                        help="'keep': the rest of the canvas is liked as in the image the person saw; "
+                             "'keep-own-noise': as in the initial model's image from the sample's own noise; "
+                             "'unmarked': only the region is marked (weight 0 elsewhere)")
     parser.add_argument("--epochs-per-round", type=int, default=2)
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--done", type=float, default=0.75,
-                        help="stop when this fraction of the region has the colour and (unless --outside unmarked) the judge "
-                             "finds the same objects outside the region as in the image the person saw")
+                        help="stop when this fraction of the region has the colour and (unless --outside unmarked) "
+                             "the judge finds the same objects outside the region as in the image the person saw")
     args = parser.parse_args(argv)
     if args.quick:
         args.max_rounds, args.epochs_per_round = 2, 1
@@ -130,8 +130,10 @@ def main(argv=None):
             raise SystemExit(f"--region {args.region} --colour {args.colour}: {err}") from None
         if args.region_seed is not None:
             how += f" in the image of seed {args.region_seed}"
-        before = ({s: trainer.generate([args.prompt], [s])[0].cpu()
-                   for s in range(args.seed, args.seed + args.noise_seeds)} if args.outside == "keep-own-noise" else None)
+        before = None
+        if args.outside == "keep-own-noise":
+            before = {s: trainer.generate([args.prompt], [s])[0].cpu()
+                      for s in range(args.seed, args.seed + args.noise_seeds)}
         holder["person"] = person.RegionColourPerson(region, colour, original, keep_outside=args.outside != "unmarked",
                                                      before_by_seed=before)
         # "Leave the rest as it is", object by object: the judge must find the same objects outside the region.

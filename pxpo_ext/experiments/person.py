@@ -46,9 +46,11 @@ class RegionColourPerson:
         inside = self.toward(images)
         if not self.keep_outside:
             return RewardOutput(inside, weight=region.expand_as(inside).clone())
-        seeds = [(m or {}).get("seed") for m in (metadata or [{}] * images.shape[0])]
-        before = torch.stack([self.before_by_seed.get(s, self.original) for s in seeds]).to(images.device)
-        keep = -(images - before).norm(dim=1) / math.sqrt(3)
+        before = self.original
+        if self.before_by_seed:
+            seeds = [(m or {}).get("seed") for m in (metadata or [{}] * images.shape[0])]
+            before = torch.stack([self.before_by_seed.get(s, self.original) for s in seeds])
+        keep = -(images - before.to(images.device)).norm(dim=1) / math.sqrt(3)
         return RewardOutput(region * inside + (1 - region) * keep)
 
 
@@ -77,7 +79,8 @@ def extra_object(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]:
         if (obj["colour"], obj["shape"]) in wanted:
             wanted.remove((obj["colour"], obj["shape"]))
             continue
-        return obj["mask"].float(), f"the {obj['colour']} {obj['shape']} the judge found, which the caption does not name"
+        name = f"{obj['colour']} {obj['shape']}"
+        return obj["mask"].float(), f"the {name} the judge found, which the caption does not name"
     raise ValueError(f"the judge finds nothing in this image beyond what {caption!r} names: choose another seed, "
                      "or point at a named object (--region object)")
 
