@@ -132,14 +132,15 @@ def main(argv=None):
             how += f" in the image of seed {args.region_seed}"
         before = None
         if args.outside == "keep-own-noise":
-            before = {s: trainer.generate([args.prompt], [s])[0].cpu()
+            before = {s: original if s == args.seed else trainer.generate([args.prompt], [s])[0].cpu()
                       for s in range(args.seed, args.seed + args.noise_seeds)}
         holder["person"] = person.RegionColourPerson(region, colour, original, keep_outside=args.outside != "unmarked",
                                                      before_by_seed=before)
         # "Leave the rest as it is", object by object: the judge must find the same objects outside the region.
         rest = person.objects_outside(original, region)
-        images, titles = [original], [f"before: {person.colour_fraction(original, region, colour):.0%} {colour}"]
-        rows = [{"round": 0, "queries": 0, "colour_fraction": person.colour_fraction(original, region, colour),
+        fraction = person.colour_fraction(original, region, colour)
+        images, titles = [original], [f"before: {fraction:.0%} {colour}"]
+        rows = [{"round": 0, "queries": 0, "colour_fraction": fraction,
                  "outside_rms_change": 0.0, "objects_outside": "; ".join(rest), "rest_kept": True, "seconds": 0.0}]
         epoch, done_round = 0, None
         for rnd in range(1, args.max_rounds + 1):

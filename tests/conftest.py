@@ -33,17 +33,28 @@ def _backend_params():
     return params
 
 
+def _skip_unless_available(name: str) -> None:
+    """Skip the test when backend ``name`` cannot run here; fail instead for the C++ one under PXPO_REQUIRE_NATIVE=1."""
+    if not _backend.available(name):
+        reason = _backend.info()[name]
+        if name == "cpu" and os.environ.get("PXPO_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"the C++ extension must be built here: {reason}")
+        pytest.skip(f"backend {name} unavailable: {reason}")
+
+
 @pytest.fixture(params=_backend_params())
 def backend(request):
     """The name of a backend that runs here, forced for the duration of the test."""
     name = request.param
-    if not _backend.available(name):
-        reason = _backend.info()[name]
-        if name in ("cpu",) and os.environ.get("PXPO_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"the C++ extension must be built here: {reason}")
-        pytest.skip(f"backend {name} unavailable: {reason}")
+    _skip_unless_available(name)
     with pxpo_ext.use_backend(name):
         yield name
+
+
+@pytest.fixture
+def native_cpu():
+    """For tests that need the C++ extension (``pxpo_ext._C``) built, without forcing a backend."""
+    _skip_unless_available("cpu")
 
 
 @pytest.fixture

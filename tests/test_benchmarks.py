@@ -81,20 +81,16 @@ def test_gpu_script_keeps_later_stages_time_and_skips_what_does_not_fit(tmp_path
     assert "START trl-anchor" in log and "END trl-anchor rc=1" in log and "TRL_ANCHOR is not set" in log
 
 
-def test_cpu_kernel_benchmark_prints_its_rows_and_the_pooling_floor(tmp_path):
-    from pxpo_ext import _backend
+def _bench_cpu_kernels(tmp_path, only: str) -> str:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_kernels.py"), "--threads", "1",
+                           "--runs", "1", "--only", only], check=True, cwd=tmp_path, capture_output=True,
+                          text=True).stdout
 
-    if not _backend.available("cpu"):
-        if os.environ.get("PXPO_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"the C++ extension must be built here: {_backend.info()['cpu']}")
-        pytest.skip(f"pxpo_ext._C is not built: {_backend.info()['cpu']}")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_kernels.py"), "--threads", "1",
-                           "--runs", "1", "--only", "log-prob, mean"], check=True, cwd=tmp_path, capture_output=True,
-                          text=True)
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| log-prob")]
-    assert len(rows) == 1 and rows[0].endswith("x |") and "floor" not in done.stdout  # no pooling row, no floor
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_kernels.py"), "--threads", "1",
-                           "--runs", "1", "--only", "reward_to_latent"], check=True, cwd=tmp_path,
-                          capture_output=True, text=True)
-    assert sum(line.startswith("| reward_to_latent") for line in done.stdout.splitlines()) == 1
-    assert "reward_to_latent's floor, both inputs read once" in done.stdout and "ms at 1 thread" in done.stdout
+
+def test_cpu_kernel_benchmark_prints_its_rows_and_the_pooling_floor(tmp_path, native_cpu):
+    out = _bench_cpu_kernels(tmp_path, "log-prob, mean")
+    rows = [line for line in out.splitlines() if line.startswith("| log-prob")]
+    assert len(rows) == 1 and rows[0].endswith("x |") and "floor" not in out  # no pooling row, no floor
+    out = _bench_cpu_kernels(tmp_path, "reward_to_latent")
+    assert sum(line.startswith("| reward_to_latent") for line in out.splitlines()) == 1
+    assert "reward_to_latent's floor, both inputs read once" in out and "ms at 1 thread" in out
