@@ -7,7 +7,7 @@ compiler, no CUDA and no triton; native code loads on first use.
 from ._backend import BackendUnavailable, use_backend
 from ._backend import info as backend_info
 from .ddim import DDIMStepOutput, ddim_mean_and_std, ddim_sigmas, ddim_step_with_logprob
-from .ops import ddpo_loss, gaussian_logprob, pxpo_loss, pxpo_loss_and_grad, reward_to_latent
+from .ops import ddpo_loss, gaussian_kl, gaussian_logprob, pxpo_loss, pxpo_loss_and_grad, reward_to_latent
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "ddim_sigmas",
     "ddim_step_with_logprob",
     "ddpo_loss",
+    "gaussian_kl",
     "gaussian_logprob",
     "pxpo_loss",
     "pxpo_loss_and_grad",

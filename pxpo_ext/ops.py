@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backend
+from . import _backend, reference
 from .reference import GRANULARITIES, LOSS_TYPES, MEAN
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,22 +34,23 @@ def _loss_type(name: str) -> int:
         raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {name!r}") from None
 
 
-def _check_latents(x: torch.Tensor, mean: torch.Tensor) -> None:
-    for label, t in (("x", x), ("mean", mean)):
+def _check_latents(x: torch.Tensor, mean: torch.Tensor, names: tuple[str, str] = ("x", "mean")) -> None:
+    for label, t in zip(names, (x, mean)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{label} must be a (B, C, h, w) latent, got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{label} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    both = " and ".join(names)
     if x.shape != mean.shape:
-        raise ValueError(f"x and mean must have the same shape, got {tuple(x.shape)} and {tuple(mean.shape)}")
+        raise ValueError(f"{both} must have the same shape, got {tuple(x.shape)} and {tuple(mean.shape)}")
     if x.dtype != mean.dtype:
-        raise TypeError(f"x and mean must have the same dtype, got {x.dtype} and {mean.dtype}; cast one of them")
+        raise TypeError(f"{both} must have the same dtype, got {x.dtype} and {mean.dtype}; cast one of them")
     if x.device != mean.device:
-        raise ValueError(f"x and mean must be on the same device, got {x.device} and {mean.device}")
+        raise ValueError(f"{both} must be on the same device, got {x.device} and {mean.device}")
     if x.shape[0] == 0:
-        raise ValueError("empty batch: x and mean have batch size 0")
+        raise ValueError(f"empty batch: {both} have batch size 0")
 
 
 def _std_per_sample(std, batch: int, device: torch.device) -> torch.Tensor:
@@ -123,6 +124,21 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std, granularity: str 
     _check_latents(x, mean)
     std_b = _std_per_sample(std, x.shape[0], x.device)
     return _backend.select(x.device).gaussian_logprob(x, mean, std_b, gran)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std, granularity: str = "pixel") -> torch.Tensor:
+    """Per-image KL ``(B,)`` of a denoising step's policy ``N(mean, std^2)`` from a reference policy's
+    ``N(ref_mean, std^2)`` at the same latents (the trainer's ``train_kl_coef`` penalty toward the initial model).
+
+    ``(mean - ref_mean)^2 / (2 std^2)`` per element, summed over channels for ``"pixel"``, and averaged
+    over the granularity's units (pixels; elements for ``"element"`` and ``"mean"``). Float32 out;
+    differentiable in ``mean`` (``ref_mean`` is a constant). Plain PyTorch on every device: a few
+    elementwise passes beside the UNet forward the reference mean costs, so no kernel.
+    """
+    gran = _granularity(granularity)
+    _check_latents(mean, ref_mean, ("mean", "ref_mean"))
+    std_b = _std_per_sample(std, mean.shape[0], mean.device)
+    return reference.gaussian_kl(mean, ref_mean, std_b, gran)
 
 
 def reward_to_latent(reward, latent_size, weight: torch.Tensor | None = None, source: str = "reward"):

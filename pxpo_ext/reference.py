@@ -60,6 +60,24 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gra
     raise ValueError(f"unknown granularity code {granularity}")
 
 
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Per-image KL of one denoising step's policy ``N(mean, std^2)`` from a reference ``N(ref_mean, std^2)``.
+
+    Both policies share sigma (it comes from the schedule), so the KL is symmetric:
+    ``(mean - ref_mean)^2 / (2 std^2)`` per element, in the units of ``granularity``'s log-prob
+    (summed over channels for PIXEL) and averaged over those units: ``(B,)``, so that a KL weight
+    means the same at any latent size. ``ref_mean`` is a constant; gradients flow into ``mean``.
+    """
+    dt = _compute_dtype(mean)
+    diff = mean.to(dt) - ref_mean.detach().to(dt)
+    kl = diff**2 / (2 * std.to(dt).reshape(-1, *([1] * (mean.dim() - 1))) ** 2)
+    if granularity == PIXEL:
+        kl = kl.sum(dim=1)
+    elif granularity not in (ELEMENT, MEAN):
+        raise ValueError(f"unknown granularity code {granularity}")
+    return kl.mean(dim=tuple(range(1, kl.dim())))
+
+
 def reward_to_latent(reward: torch.Tensor, weight: torch.Tensor | None, h: int, w: int):
     """Weighted adaptive-average pooling of ``(B, H, W)`` reward maps to ``(B, h, w)`` (SPEC §3).
 

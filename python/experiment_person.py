@@ -51,6 +51,9 @@ def parse_args(argv=None):
                              "(\"remove this\"); 'keep': the region's own colour in the image (the control: \"keep "
                              "this as it is\")")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl-coef", type=float, default=0.0,
+                        help="weight of the KL penalty toward the initial model (train_kl_coef; 0: off), which holds "
+                             "back what the marks do not ask to change")
     parser.add_argument("--noise-seeds", type=int, default=8,
                         help="samples start from the noises of seeds SEED..SEED+N-1 in turn; with 1 they all share the "
                              "seed's noise and, on the embedded model, differ too little to rank (docs/experiments.md)")
@@ -97,7 +100,8 @@ def main(argv=None):
     record = Provenance("person", __file__, argv)
     record.add(model=model_fingerprint(args.model))
     out = Path(args.out)
-    config = settings.train_config(args, train_learning_rate=args.lr, sample_num_batches_per_epoch=1,
+    config = settings.train_config(args, train_learning_rate=args.lr, train_kl_coef=args.kl_coef,
+                                   sample_num_batches_per_epoch=1,
                                    per_prompt_stat_tracking=False, advantage_baseline="location")
     config["train_batch_size"] = config["sample_batch_size"]
     spec = RunSpec(name="person", algorithm="pxpo", seed=args.seed, epochs=args.max_rounds * args.epochs_per_round,
@@ -154,6 +158,7 @@ def main(argv=None):
                          "outside_rms_change": person.outside_change(image, original, region),
                          "objects_outside": "; ".join(now), "rest_kept": now == rest,
                          **{k: metrics.get(k) for k in CURVE_KEYS if k not in ("epoch", "samples_seen", "seconds")},
+                         **({"reference_kl": metrics["reference_kl"]} if args.kl_coef else {}),
                          "seconds": round(time.time() - start, 1)})
             images.append(image)
             titles.append(f"round {rnd}: {fraction:.0%} {colour}")
@@ -172,7 +177,7 @@ def main(argv=None):
     record.add(prompt=args.prompt, seed=args.seed, colour=colour, region=how,
                region_pixels=int((region > 0.5).sum()), region_kind=args.region, region_seed=args.region_seed,
                outside=args.outside, objects_outside_before=rest,
-               lr=args.lr, noise_seeds=args.noise_seeds,
+               lr=args.lr, kl_coef=args.kl_coef, noise_seeds=args.noise_seeds,
                epochs_per_round=args.epochs_per_round,
                samples_per_epoch=config["sample_batch_size"], done_threshold=args.done,
                rounds_to_done=done_round, rounds=rows)

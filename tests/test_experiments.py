@@ -245,14 +245,17 @@ def test_before_after_experiments_quick(tiny_model, tmp_path, name, models):
     assert (out / f"{prefix}_grid.png").exists() and (out / f"{prefix}_results.csv").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--region-seed", "3", "--outside", "unmarked", "--noise-seeds", "1",
-                                         "--colour", "background"]])
+@pytest.mark.parametrize("extra", [["--kl-coef", "1"], ["--region-seed", "3", "--outside", "unmarked",
+                                                       "--noise-seeds", "1", "--colour", "background"]])
 def test_person_experiment_quick(tiny_model, tmp_path, extra):
     record, out = run_quick("experiment_person", tiny_model, tmp_path, *extra)
-    assert record["noise_seeds"] == (1 if extra else 8) and record["outside"] == ("unmarked" if extra else "keep")
-    assert ("seed 3" in record["region"]) == bool(extra)
-    assert record["colour"] == ("white" if extra else "red")  # the default prompt's background is white
+    moved = "--region-seed" in extra
+    assert record["noise_seeds"] == (1 if moved else 8) and record["outside"] == ("unmarked" if moved else "keep")
+    assert ("seed 3" in record["region"]) == moved
+    assert record["colour"] == ("white" if moved else "red")  # the default prompt's background is white
     rounds = record["rounds"]
+    assert record["kl_coef"] == (0.0 if moved else 1.0)
+    assert all((r.get("reference_kl") is not None) == (not moved) for r in rounds[1:])
     assert [r["round"] for r in rounds][:2] == [0, 1] and len(rounds) <= 3
     assert all(0.0 <= r["colour_fraction"] <= 1.0 for r in rounds)
     assert rounds[0]["rest_kept"] and all(isinstance(r["objects_outside"], str) for r in rounds)

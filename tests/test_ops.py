@@ -302,6 +302,42 @@ def test_only_the_weighted_block_gets_gradient(backend, device):
     assert torch.all(grad[:, :, 1, 2].abs() > 0)
 
 
+# ---------------------------------------------------------------- KL to a reference policy (plain PyTorch, no backend)
+
+@pytest.mark.parametrize("granularity", list(GRANS))
+def test_gaussian_kl_is_the_gaussian_kl_in_the_granularity_units(granularity):
+    g = torch.Generator().manual_seed(0)
+    mean, ref_mean = torch.randn(2, 3, 2, 4, 5, generator=g, dtype=torch.float64)
+    std = 0.2 + torch.rand(3, generator=g, dtype=torch.float64)
+    sigma = std.view(-1, 1, 1, 1)
+    per_element = torch.distributions.kl_divergence(torch.distributions.Normal(mean, sigma),
+                                                    torch.distributions.Normal(ref_mean, sigma))
+    # A pixel's KL is its channels' sum (its log-prob is their sum); averaged over the units, so (B,).
+    expected = per_element.sum(1).mean((1, 2)) if granularity == "pixel" else per_element.mean((1, 2, 3))
+    torch.testing.assert_close(pxpo_ext.gaussian_kl(mean, ref_mean, std, granularity), expected)
+    assert torch.all(pxpo_ext.gaussian_kl(mean, mean.clone(), std, granularity) == 0)
+
+
+def test_gaussian_kl_gradient_flows_into_mean_only():
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_mean = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda m: pxpo_ext.gaussian_kl(m, ref_mean, std, "pixel"), (mean,))
+    pxpo_ext.gaussian_kl(mean, ref_mean, std, "pixel").sum().backward()
+    assert ref_mean.grad is None
+    # d/dmean of mean over pixels of sum_c (m - r)^2 / (2 s^2) is (m - r) / (s^2 h w)
+    expected = (mean - ref_mean).detach() / (std.view(-1, 1, 1, 1) ** 2 * 9)
+    torch.testing.assert_close(mean.grad, expected)
+
+
+def test_gaussian_kl_computes_in_float32_for_half_inputs():
+    mean = torch.randn(2, 4, 3, 3).bfloat16()
+    kl = pxpo_ext.gaussian_kl(mean, torch.zeros_like(mean), 0.5, "element")
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, (mean.float() ** 2 / 0.5).mean((1, 2, 3)))
+
+
 # ---------------------------------------------------------------- argument checks (every backend sees the same)
 
 def test_errors_are_clear():
@@ -318,6 +354,10 @@ def test_errors_are_clear():
         pxpo_ext.gaussian_logprob(x, mean, torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="empty batch"):
         pxpo_ext.gaussian_logprob(x[:0], mean[:0], 1.0)
+    with pytest.raises(ValueError, match="mean and ref_mean must have the same shape"):
+        pxpo_ext.gaussian_kl(mean, mean[:, :2], std)
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        pxpo_ext.gaussian_kl(mean, mean, 0.0)
     with pytest.raises(ValueError, match="advantages must have shape"):
         pxpo_ext.pxpo_loss(x, mean, std, logp_old, adv[:, :2], None, 0.1)
     with pytest.raises(ValueError, match="clip_range must be a number > 0"):

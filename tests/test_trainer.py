@@ -160,6 +160,41 @@ def test_full_fine_tuning_and_sf_loss(tiny_model, tmp_path):
     assert (tmp_path / "run" / "unet" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_kl_penalty_starts_at_zero_and_leaves_the_reference_untouched(tiny_model, tmp_path, use_lora):
+    trainer = make_trainer(tiny_model, tmp_path / "run", use_lora=use_lora, train_kl_coef=1.0, num_epochs=2)
+    reference = trainer.reference_unet
+    frozen = {n: p.detach().clone() for n, p in reference.named_parameters()} if reference is not None else None
+    history = trainer.train()
+    # Epoch 0 trains before the first optimiser step: the policy is the initial model, bit for bit.
+    assert history[0]["reference_kl"] == 0.0
+    assert history[1]["reference_kl"] > 0
+    if use_lora:  # the reference is the UNet with its adapters off; they must be on again for sampling
+        assert reference is None
+        assert not any(getattr(m, "disable_adapters", False) for m in trainer._unwrapped_unet.modules()
+                       if hasattr(m, "lora_A"))
+    else:
+        assert all(torch.equal(frozen[n], p) for n, p in reference.named_parameters())
+        assert not any(p.requires_grad for p in reference.parameters())
+    trainer.close()
+
+
+def test_kl_penalty_keeps_the_model_closer_to_the_initial_one(tiny_model, tmp_path):
+    seeds = [0, 1]
+    base = make_trainer(tiny_model, tmp_path / "base")
+    start = base.generate([PROMPT] * 2, seeds)
+    base.close()
+    drift = {}
+    for coef in (0.0, 100.0):
+        trainer = make_trainer(tiny_model, tmp_path / f"kl{coef}", train_kl_coef=coef, num_epochs=4,
+                               train_learning_rate=1e-2)
+        history = trainer.train()
+        assert (history[-1]["reference_kl"] is None) == (coef == 0)
+        drift[coef] = (trainer.generate([PROMPT] * 2, seeds) - start).pow(2).mean().sqrt().item()
+        trainer.close()
+    assert drift[100.0] < 0.5 * drift[0.0], drift
+
+
 def test_deterministic_final_step_is_left_out(tmp_path):
     model = build_tiny_pipeline(tmp_path / "model", set_alpha_to_one=True)
     trainer = make_trainer(model, tmp_path / "run")
@@ -220,6 +255,21 @@ def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path):
         trainer.close()
 
 
+def test_kl_penalty_under_compile_sees_the_adapters_switched_off(tiny_model, tmp_path):
+    """A compiled UNet must not keep running the adapters when the reference forward turns them off (the
+    compiler has to guard on the switch): the compiled run's KL history equals the eager one's."""
+    history = {}
+    for compiled in (False, True):
+        trainer = make_trainer(tiny_model, tmp_path / f"run{compiled}", train_kl_coef=1.0, num_epochs=2,
+                               train_learning_rate=1e-2)
+        if compiled:
+            trainer._unwrapped_unet.compile(backend="aot_eager", dynamic=False)
+        history[compiled] = [m["reference_kl"] for m in trainer.train()]
+        trainer.close()
+    assert history[False][0] == 0 and history[False][1] > 0
+    assert history[True] == pytest.approx(history[False], rel=1e-4, abs=1e-9)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"algorithm": "ppo"}, "algorithm"),
     ({"sample_eta": 0.0}, "eta"),
@@ -227,6 +277,7 @@ def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path):
     ({"train_batch_size": 3}, "train_batch_size"),
     ({"train_gradient_accumulation_steps": 2}, "accumulation"),
     ({"compile_unet": "yes"}, "compile_unet"),
+    ({"train_kl_coef": -0.1}, "train_kl_coef"),
 ])
 def test_config_errors_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

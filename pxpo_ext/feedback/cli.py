@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-steps", type=int, default=10, help="DDIM steps per image")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="LoRA learning rate")
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL penalty toward the initial model, which holds what you did not mark (train_kl_coef; 0: off)")
     p.add_argument("--like-mask", type=Path, help="PNG painted where the image is liked (non-interactive)")
     p.add_argument("--dislike-mask", type=Path, help="PNG painted where the image is disliked (non-interactive)")
     p.add_argument("--rounds", type=int, default=1, help="rounds on the PNG masks (non-interactive)")
@@ -93,6 +95,7 @@ def main(argv=None) -> None:
         args.prompt, args.seed, model=args.model, output_dir=args.output_dir,
         epochs_per_round=args.epochs_per_round, sample_batch_size=args.sample_batch_size,
         sample_num_steps=args.num_steps, train_learning_rate=args.learning_rate, lora_rank=args.lora_rank,
+        train_kl_coef=args.kl_coef,
         num_epochs=max(1, args.rounds * args.epochs_per_round))
     if args.write_image:
         return _write_png(session, args.output_dir / "image.png")

@@ -72,6 +72,10 @@ class PXPOConfig:
         f"PPO ratio clip eps; None = {DEFAULT_CLIP_RANGE} for pxpo's per-pixel ratios, {DDPO_CLIP_RANGE} for ddpo",
         default=None)
     train_timestep_fraction: float = _help("fraction of each trajectory's stochastic steps trained on", default=1.0)
+    train_kl_coef: float = _help(
+        "weight of a KL penalty toward the initial model, on every latent pixel whatever its feedback weight "
+        "(0: off). Costs one more UNet forward per micro-step; full fine-tuning also keeps a frozen copy of the UNet",
+        default=0.0)
 
     # Advantages (SPEC §4).
     per_prompt_stat_tracking: bool = _help("normalise rewards per prompt (buffered) instead of per batch",
@@ -133,6 +137,7 @@ class PXPOConfig:
         number("train_adam_weight_decay", lambda v: v >= 0, "a finite number >= 0")
         number("train_max_grad_norm", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
         number("train_adv_clip_max", lambda v: v > 0, "a finite number > 0")
+        number("train_kl_coef", lambda v: v >= 0, "a finite number >= 0 (0: no KL penalty)")
         number("train_lr_warmup_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0")
         if self.lora_alpha is not None:
             number("lora_alpha", lambda v: v > 0, "a finite number > 0 or None (the rank)")

@@ -9,6 +9,7 @@ over timesteps. The maths lives in :mod:`pxpo_ext.ops` and :mod:`pxpo_ext.ddim`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..ddim import ddim_mean_and_std
-from ..ops import pxpo_loss_and_grad, reward_to_latent
+from ..ops import gaussian_kl, pxpo_loss_and_grad, reward_to_latent
 from ..rewards import get_reward, normalize_output
 from ..rewards.base import reward_name
 from . import checkpoint as ckpt
@@ -112,6 +113,11 @@ class PXPOTrainer:
             unet.requires_grad_(True)
             params = list(unet.parameters())
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        # The KL penalty's reference policy is the initial model: LoRA has it for free (adapters off), full
+        # fine-tuning moves every weight, so it keeps a frozen copy in the run's precision.
+        self.reference_unet = None
+        if c.train_kl_coef > 0 and not c.use_lora:
+            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).to(dtype=self.weight_dtype).eval()
 
         if c.resolution is not None and c.resolution % pipe.vae_scale_factor:
             raise ValueError(f"resolution={c.resolution} must be a multiple of the VAE's factor {pipe.vae_scale_factor}")
@@ -310,9 +316,31 @@ class PXPOTrainer:
             granularity=c.logprob_granularity, loss_type=c.loss_type)
         # (mean * grad).sum() has gradient ``grad`` in ``mean``: the fused kernel's gradient enters autograd
         # through accelerate, which scales it for fp16 and divides it over the accumulation steps.
-        self.accelerator.backward((mean * grad).sum())
+        objective = (mean * grad).sum()
         # 0-dim tensors, read once per epoch: a .item() per micro-step would make the host wait for the GPU.
-        return {"loss": loss.detach(), **stats}  # approx_kl, clipfrac, skipped
+        out = {"loss": loss.detach(), **stats}  # approx_kl, clipfrac, skipped
+        if c.train_kl_coef > 0:
+            kl = gaussian_kl(mean, self._reference_mean(x_t, t, batch["embeds"]), std, c.logprob_granularity).mean()
+            objective = objective + c.train_kl_coef * kl
+            out["reference_kl"] = kl.detach()
+        self.accelerator.backward(objective)
+        return out
+
+    @torch.no_grad()
+    def _reference_mean(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The initial model's DDIM mean at these latents (the KL penalty's reference policy), guided as in training."""
+        lora = self.reference_unet is None
+        unet = self._unwrapped_unet if lora else self.reference_unet
+        if lora:
+            unet.disable_adapters()
+        try:
+            with self.accelerator.autocast():
+                noise = guided_noise(unet, x_t.to(self.weight_dtype), t, embeds, self.negative_embeds,
+                                     self._guidance(training=True))
+        finally:
+            if lora:
+                unet.enable_adapters()
+        return ddim_mean_and_std(self.scheduler, noise, t, x_t, self.config.sample_eta)[0]
 
     def check_compiled_gradient(self, batch: dict, step_index: torch.Tensor, tolerance: float = 0.05) -> float:
         """The compiled UNet's gradient against the eager one on this micro-step; raises if they disagree.
@@ -390,10 +418,13 @@ class PXPOTrainer:
                 stats = [s for _ in range(c.train_num_inner_epochs) for s in self._train_inner_epoch(rollouts, bar)]
         self.last_train_stats = stats
         loss = kl = clipfrac = float("nan")
+        reference_kl = None
         skipped = 0
         if stats:
-            local = torch.stack([torch.stack([s["loss"], s["approx_kl"], s["clipfrac"]]).float() for s in stats])
-            loss, kl, clipfrac = acc.reduce(local.mean(0).to(acc.device), reduction="mean").tolist()
+            keys = ("loss", "approx_kl", "clipfrac") + (("reference_kl",) if c.train_kl_coef > 0 else ())
+            local = torch.stack([torch.stack([s[k] for k in keys]).float() for s in stats])
+            loss, kl, clipfrac, *reference_kl = acc.reduce(local.mean(0).to(acc.device), reduction="mean").tolist()
+            reference_kl = reference_kl[0] if reference_kl else None
             # Units the loss left out because their log-ratio overflowed (|log ratio| > LOG_RATIO_LIMIT or not
             # finite), summed over micro-steps and processes: never silent.
             skipped = int(acc.reduce(torch.stack([s["skipped"] for s in stats]).sum().float().to(acc.device),
@@ -412,7 +443,7 @@ class PXPOTrainer:
         self.epoch = epoch + 1
         metrics = {
             "epoch": epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
-            **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss,
+            **rollouts["stats"], "approx_kl": kl, "clipfrac": clipfrac, "loss": loss, "reference_kl": reference_kl,
             "grad_norm": torch.stack(norms).float().mean().item() if norms else None, "lr": self.lr_scheduler.get_last_lr()[0],
             "clip_range": c.clip_range, "trained_timesteps": self.timesteps_per_sample, "skipped_overflow_units": skipped,
             "skipped_optimizer_steps": skipped_steps, "skipped_deterministic_steps": self.skipped_steps,
