@@ -6,6 +6,7 @@ metric, value, unit) with the device, versions and date:
 
 - ``microstep``: one training micro-step (UNet forward with classifier-free guidance, the fused loss, backward)
   for pxpo and ddpo on the same trainer and batch: median milliseconds over ``--reps``, and pxpo's extra cost.
+- ``kl``: pxpo's micro-step without and with the KL penalty toward the initial model (``train_kl_coef``).
 - ``epoch``: whole epochs (sampling with guidance, rewards, advantages, training on every timestep) at the
   settings of ``shared/anchors/trl_ddpo_throughput.py`` (50 steps, 2 x 8 samples, train batch 4, LoRA rank 4,
   fp16): seconds per epoch, samples per second (best epoch after the first) and peak GPU memory.
@@ -238,6 +239,29 @@ def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
     trainer.config.algorithm = "pxpo"
 
 
+def bench_kl(record: Recorder, trainer: PXPOTrainer, args) -> None:
+    """pxpo's micro-step without and with the KL penalty toward the initial model (``train_kl_coef``; its cost is
+    one more UNet forward, without gradient, with the LoRA adapters off), alternating step by step as above."""
+    batch, steps = args.train_batch, len(trainer.scheduler.timesteps)
+    index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
+    setting = dict(precision=trainer.config.mixed_precision, batch=batch, resolution=trainer.image_size,
+                   variant=variant_name(args))
+    trainer.config.algorithm = "pxpo"
+    data = synthetic_batch(trainer, batch, steps)
+    times = {"pxpo": [], "pxpo+kl": []}
+    for i in range(2 * (args.reps + 2)):
+        name = "pxpo" if i % 2 == 0 else "pxpo+kl"
+        trainer.config.train_kl_coef = 0.0 if name == "pxpo" else 0.1  # backward_timestep reads it per call
+        ms = _microstep_ms(trainer, data, index, args.device)
+        if i >= 4:
+            times[name].append(ms)
+    trainer.config.train_kl_coef = 0.0
+    for name, values in times.items():
+        record("kl", "ms_per_microstep", statistics.median(values), "ms", algorithm=name, **setting)
+    extra = 100 * (statistics.median(times["pxpo+kl"]) / statistics.median(times["pxpo"]) - 1)
+    record("kl", "kl_extra_cost", extra, "%", algorithm="pxpo+kl", **setting)
+
+
 def record_compiled_gradient(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """The trainer's own check of the compiled UNet's gradient against the eager one, recorded as a row, so
     that every compiled timing comes with the evidence that the compiled graph computes the right thing. A
@@ -382,7 +406,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models, 4 steps: a smoke run that fits a CPU")
     p.add_argument("--benches", nargs="+", default=["microstep", "epoch", "scaling"],
-                   choices=["microstep", "variants", "epoch", "scaling"])
+                   choices=["microstep", "variants", "kl", "epoch", "scaling"])
     p.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "no", choices=list(DTYPES),
                    help="mixed precision (TRL's anchor: fp16; a CPU needs 'no')")
     p.add_argument("--epochs", type=int, default=3, help="pxpo epochs timed (the first one warms up)")
@@ -421,6 +445,8 @@ def main(argv=None) -> None:
         bench_microstep(record, trainer, args)
     if "variants" in args.benches:
         bench_variants(record, trainer, args)
+    if "kl" in args.benches:
+        bench_kl(record, trainer, args)
     if "epoch" in args.benches:
         bench_epochs(record, trainer, args.epochs, args.device, variant_name(args))
     if "scaling" in args.benches:

@@ -6,8 +6,8 @@
 #   OUT=/tmp/gpu DEADLINE_S=580 bash benchmarks/gpu_checks.sh
 #
 # STAGES="names" picks the stages and their order. The stages: build kernel-tests bench-ops
-# bench-variants bench-microstep bench-compiled bench-reduce-overhead bench-trainer trl-anchor
-# bench-scaling; unset, all but bench-reduce-overhead in that order; empty, none (e.g. to only
+# bench-variants bench-microstep bench-kl bench-compiled bench-reduce-overhead bench-trainer trl-anchor
+# bench-scaling; unset, all but bench-reduce-overhead and bench-kl in that order; empty, none (e.g. to only
 # pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its cap,
 # never into the needs of the stages after it, and is skipped when less than its own need is
 # left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
@@ -21,7 +21,7 @@ OUT=${OUT:-/tmp/pxpo-gpu}
 DEADLINE_S=${DEADLINE_S:-580}
 STAGES=${STAGES-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
 # The least time (seconds) worth starting each stage with: a stage cut short measures nothing.
-declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40
+declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40 [bench-kl]=40
   [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
 for name in $STAGES; do
   [[ -n "${NEED_OF[$name]:-}" ]] || { echo "unknown stage '$name' (known: ${!NEED_OF[*]})" >&2; exit 2; }
@@ -88,6 +88,7 @@ run_bench_variants() { python3 benchmarks/bench_trainer.py --benches microstep v
 # Eager against compiled UNet (the trainer's compile_unet): micro-steps of both algorithms, then whole epochs;
 # a compiled run first records the compiled gradient against the eager one (the gradcheck row).
 run_bench_microstep() { python3 benchmarks/bench_trainer.py --benches microstep --reps 20 --out "$OUT/trainer.csv"; }
+run_bench_kl() { python3 benchmarks/bench_trainer.py --benches kl --reps 10 --out "$OUT/trainer.csv"; }
 run_compiled() {
   python3 benchmarks/bench_trainer.py --compile "$1" --benches microstep epoch --reps 20 --epochs 3 --ddpo-epochs 0 \
     --out "$OUT/trainer.csv"
@@ -103,7 +104,7 @@ run_trl_anchor() {
 run_bench_scaling() {
   python3 benchmarks/bench_trainer.py --benches scaling --scaling-batches 1 4 16 --scaling-sizes 768 --out "$OUT/trainer.csv"
 }
-export -f run_build run_kernel_tests run_bench_ops run_bench_variants run_bench_microstep run_compiled \
+export -f run_build run_kernel_tests run_bench_ops run_bench_variants run_bench_microstep run_bench_kl run_compiled \
   run_bench_trainer run_trl_anchor run_bench_scaling log
 export OUT START LOG
 
@@ -117,6 +118,7 @@ for name in $STAGES; do
     bench-ops) stage bench-ops 90 bash -c run_bench_ops ;;
     bench-variants) stage bench-variants 60 bash -c run_bench_variants ;;
     bench-microstep) stage bench-microstep 60 bash -c run_bench_microstep ;;
+    bench-kl) stage bench-kl 60 bash -c run_bench_kl ;;
     bench-compiled) stage bench-compiled 300 bash -c "run_compiled default" ;;
     bench-reduce-overhead) stage bench-reduce-overhead 300 bash -c "run_compiled reduce-overhead" ;;
     bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;

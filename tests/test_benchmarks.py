@@ -33,6 +33,13 @@ def test_trainer_benchmark_writes_its_rows(tmp_path):
     assert not any(r["bench"] == "gradcheck" for r in rows)  # eager: nothing to check
 
 
+def test_kl_benchmark_times_the_micro_step_with_and_without_the_penalty(tmp_path):
+    rows = _bench_trainer(tmp_path, "--benches", "kl")
+    metrics = {(r["algorithm"], r["metric"]) for r in rows if r["bench"] == "kl"}
+    assert metrics == {("pxpo", "ms_per_microstep"), ("pxpo+kl", "ms_per_microstep"), ("pxpo+kl", "kl_extra_cost")}
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+
+
 def test_scaling_benchmark_sweeps_batch_size_and_steps_and_plots_them(tmp_path):
     rows = _bench_trainer(tmp_path, "--benches", "scaling")
     batches = {int(r["batch"]) for r in rows if r["metric"] == "ms_per_microstep"}
