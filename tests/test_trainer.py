@@ -179,6 +179,14 @@ def test_kl_penalty_starts_at_zero_and_leaves_the_reference_untouched(tiny_model
     trainer.close()
 
 
+def test_kl_penalty_turned_on_after_building_a_full_fine_tuning_trainer_says_what_to_do(tiny_model, tmp_path):
+    trainer = make_trainer(tiny_model, tmp_path / "run", use_lora=False)
+    trainer.config.train_kl_coef = 1.0
+    with pytest.raises(RuntimeError, match="set train_kl_coef in PXPOConfig before building the trainer"):
+        trainer.step(0)
+    trainer.close()
+
+
 def test_kl_penalty_keeps_the_model_closer_to_the_initial_one(tiny_model, tmp_path):
     seeds = [0, 1]
     base = make_trainer(tiny_model, tmp_path / "base")

@@ -330,6 +330,9 @@ class PXPOTrainer:
     def _reference_mean(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """The initial model's DDIM mean at these latents (the KL penalty's reference policy), guided as in training."""
         lora = self.reference_unet is None
+        if lora and not self.config.use_lora:
+            raise RuntimeError("train_kl_coef was turned on after this full fine-tuning trainer was built, so it kept "
+                               "no copy of the initial UNet; set train_kl_coef in PXPOConfig before building the trainer")
         unet = self._unwrapped_unet if lora else self.reference_unet
         if lora:
             unet.disable_adapters()
