@@ -173,6 +173,18 @@ class SceneGenerator:
         n_objects = 2 if self.max_objects == 2 and rng.random() < TWO_OBJECT_PROBABILITY else 1
         free = [c for c in names if c not in background]
         colours = rng.choice(free, size=n_objects, replace=False).tolist()
+        # A large first shape near the centre can leave no room for a second one (about 1 scene in 30,000):
+        # then the shapes are placed afresh, from the same generator, so the scene is still a function of (seed, i)
+        # and every scene placed at the first try is unchanged.
+        for _ in range(100):
+            placed = self._place(rng, colours)
+            if placed is not None:
+                return background, placed
+        raise RuntimeError(f"no room for {len(colours)} shapes in a {self.image_size}x{self.image_size} image; "
+                           "raise image_size")
+
+    def _place(self, rng: np.random.Generator, colours: list[str]) -> list[tuple[str, str, float, float, float]] | None:
+        """Shapes and positions of ``colours`` that keep a 2-pixel gap, or None if one did not fit."""
         size = self.image_size
         placed: list[tuple[str, str, float, float, float]] = []
         for colour in colours:
@@ -183,9 +195,9 @@ class SceneGenerator:
                 if all(abs(cx - ox) > half + oh + 2 or abs(cy - oy) > half + oh + 2 for _, _, ox, oy, oh in placed):
                     break
             else:
-                raise RuntimeError(f"no room for a second shape in a {size}x{size} image; raise image_size")
+                return None
             placed.append((colour, shape, float(cx), float(cy), float(half)))
-        return background, placed
+        return placed
 
     def sample(self, index: int) -> Scene:
         rng = np.random.default_rng([self.seed, index])
