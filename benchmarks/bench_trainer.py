@@ -203,6 +203,20 @@ def _gpu_busy_ms(trainer: PXPOTrainer, data: dict, index: torch.Tensor, reps: in
     return sum(e.device_time for e in kernels) / reps / 1e3
 
 
+def _alternating_ms(trainer: PXPOTrainer, data: dict, index: torch.Tensor, args, configure) -> dict[str, list[float]]:
+    """Micro-step milliseconds of each setting named in ``data`` (``configure(name)`` sets it), taken in turn
+    step by step so that clock drift hits all alike: ``--reps`` of each after two warm-up rounds."""
+    names = list(data)
+    times = {name: [] for name in names}
+    for i in range(len(names) * (args.reps + 2)):
+        name = names[i % len(names)]
+        configure(name)
+        ms = _microstep_ms(trainer, data[name], index, args.device)
+        if i >= 2 * len(names):
+            times[name].append(ms)
+    return times
+
+
 def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
     """pxpo and ddpo on one trainer, alternating step by step so that clock drift hits both alike; only the
     log-prob unit and the loss differ between them. Wall time: median and quartiles over ``--reps`` steps of
@@ -211,16 +225,11 @@ def bench_microstep(record: Recorder, trainer: PXPOTrainer, args) -> None:
     steps = len(trainer.scheduler.timesteps)
     index = torch.full((batch,), steps // 2, device=trainer.accelerator.device)
     setting = dict(precision=precision, batch=batch, resolution=trainer.image_size, variant=variant_name(args))
-    data, times = {}, {"ddpo": [], "pxpo": []}
-    for algorithm in times:
+    data = {}
+    for algorithm in ("ddpo", "pxpo"):
         trainer.config.algorithm = algorithm  # backward_timestep reads granularity and clip range from it
         data[algorithm] = synthetic_batch(trainer, batch, steps)
-    for i in range(2 * (args.reps + 2)):
-        algorithm = "ddpo" if i % 2 == 0 else "pxpo"
-        trainer.config.algorithm = algorithm
-        ms = _microstep_ms(trainer, data[algorithm], index, args.device)
-        if i >= 4:
-            times[algorithm].append(ms)
+    times = _alternating_ms(trainer, data, index, args, lambda a: setattr(trainer.config, "algorithm", a))
     for algorithm, values in times.items():
         q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         record("microstep", "ms_per_microstep", median, "ms", algorithm=algorithm, **setting)
@@ -248,13 +257,9 @@ def bench_kl(record: Recorder, trainer: PXPOTrainer, args) -> None:
                    variant=variant_name(args))
     trainer.config.algorithm = "pxpo"
     data = synthetic_batch(trainer, batch, steps)
-    times = {"pxpo": [], "pxpo+kl": []}
-    for i in range(2 * (args.reps + 2)):
-        name = "pxpo" if i % 2 == 0 else "pxpo+kl"
-        trainer.config.train_kl_coef = 0.0 if name == "pxpo" else 0.1  # backward_timestep reads it per call
-        ms = _microstep_ms(trainer, data, index, args.device)
-        if i >= 4:
-            times[name].append(ms)
+    # backward_timestep reads the coefficient on every call
+    times = _alternating_ms(trainer, {"pxpo": data, "pxpo+kl": data}, index, args,
+                            lambda name: setattr(trainer.config, "train_kl_coef", 0.1 if name == "pxpo+kl" else 0.0))
     trainer.config.train_kl_coef = 0.0
     for name, values in times.items():
         record("kl", "ms_per_microstep", statistics.median(values), "ms", algorithm=name, **setting)
