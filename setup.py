@@ -105,7 +105,8 @@ def extension():
     return cpp_extension.CppExtension(sources=cpp_sources, extra_compile_args={"cxx": cxx}, **common)
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import native_sources
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
+    )

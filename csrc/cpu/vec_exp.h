@@ -3,7 +3,7 @@
 // which only passes |v| <= kLogRatioLimit.
 #pragma once
 
-#include <bit>
+#include <c10/util/bit_cast.h>
 #include <cmath>
 #include <cstdint>
 
@@ -21,7 +21,7 @@ struct VecExp {
     constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
     const float t = v * 1.44269504088896341f + kRound;
     const float n = t - kRound;
-    const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound);
+    const int32_t ni = c10::bit_cast<int32_t>(t) - c10::bit_cast<int32_t>(kRound);
     const float r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -30,7 +30,7 @@ struct VecExp {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float e = p * (r * r) + r + 1.0f;
-    return std::bit_cast<float>(std::bit_cast<int32_t>(e) + static_cast<int32_t>(static_cast<uint32_t>(ni) << 23));
+    return c10::bit_cast<float>(c10::bit_cast<int32_t>(e) + static_cast<int32_t>(static_cast<uint32_t>(ni) << 23));
   }
   PXPO_HD double operator()(double v) const { return std::exp(v); }
 };
