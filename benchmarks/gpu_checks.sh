@@ -14,7 +14,9 @@
 # is the anchor script the trl-anchor stage runs; PRETRAIN_ARGS="..." trains the embedded model
 # (python/pretrain_tiny.py) in the background during build and kernel-tests, and the first other
 # stage waits for it, so nothing is timed while it trains; OPS_BATCHES and TRAINER_ARGS change those
-# benchmarks' sizes and options. Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json,
+# benchmarks' sizes and options; COMPILED_BENCHES="epoch" makes the compiled stages time whole epochs only (a cold
+# compiled micro-step bench and then whole epochs did not fit in 294 s on an H100 beside TRL).
+# Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json,
 # and tiny-gpu.tar when pretraining ran.
 set -u
 OUT=${OUT:-/tmp/pxpo-gpu}
@@ -88,10 +90,14 @@ run_bench_variants() { python3 benchmarks/bench_trainer.py --benches microstep v
 # Eager against compiled UNet (the trainer's compile_unet): micro-steps of both algorithms, then whole epochs;
 # a compiled run first records the compiled gradient against the eager one (the gradcheck row).
 run_bench_microstep() { python3 benchmarks/bench_trainer.py --benches microstep --reps 20 --out "$OUT/trainer.csv"; }
-run_bench_kl() { python3 benchmarks/bench_trainer.py --benches kl --reps 10 --out "$OUT/trainer.csv"; }
+run_bench_kl() {
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_trainer.py --benches kl --reps 10 ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"
+}
 run_compiled() {
-  python3 benchmarks/bench_trainer.py --compile "$1" --benches microstep epoch --reps 20 --epochs 3 --ddpo-epochs 0 \
-    --out "$OUT/trainer.csv"
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_trainer.py --compile "$1" --benches ${COMPILED_BENCHES:-microstep epoch} --reps 20 --epochs 3 \
+    --ddpo-epochs 0 --out "$OUT/trainer.csv"
 }
 run_bench_trainer() {
   # shellcheck disable=SC2086
