@@ -47,7 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pxpo_ext import embedded
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer
-from pxpo_ext.trainer.config import COMPILE_MODES
+from pxpo_ext.trainer.config import COMPILE_MODES, COMPILE_SCOPES
 from pxpo_ext.trainer.sampling import sample
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,7 +123,9 @@ class Recorder:
 
 def variant_name(args) -> str:
     """The CSV's variant column for the trainer's own settings ("" for the plain eager trainer)."""
-    return "" if args.compile == "no" else f"compile={args.compile}"
+    if args.compile == "no":
+        return ""
+    return f"compile={args.compile}" + ("" if args.compile_scope == "unet" else f" scope={args.compile_scope}")
 
 
 def make_trainer(pipe, device: str, **overrides) -> PXPOTrainer:
@@ -423,6 +425,7 @@ def main(argv=None) -> None:
     p.add_argument("--scaling-steps", type=int, nargs="*", default=[10, 25],
                    help="denoising step counts timed as whole epochs (besides the base 50, which --benches epoch times)")
     p.add_argument("--compile", default="no", choices=COMPILE_MODES, help="the trainer's compile_unet setting")
+    p.add_argument("--compile-scope", default="unet", choices=COMPILE_SCOPES, help="the trainer's compile_scope")
     p.add_argument("--out", default="benchmarks/results/trainer.csv")
     p.add_argument("--plot", metavar="CSV", help="only draw the scaling figure of this CSV")
     p.add_argument("--figure", default="docs/figures/trainer_scaling.png")
@@ -442,7 +445,7 @@ def main(argv=None) -> None:
         args.train_batch = 2
     tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else {}
     options = dict(sample_num_steps=steps, mixed_precision=args.precision, train_batch_size=args.train_batch,
-                   compile_unet=args.compile, **tiny)
+                   compile_unet=args.compile, compile_scope=args.compile_scope, **tiny)
     trainer = make_trainer(pipe, args.device, **options)
     if args.compile != "no":
         record_compiled_gradient(record, trainer, args)

@@ -6,9 +6,9 @@
 #   OUT=/tmp/gpu DEADLINE_S=580 bash benchmarks/gpu_checks.sh
 #
 # STAGES="names" picks the stages and their order. The stages: build kernel-tests bench-ops
-# bench-variants bench-microstep bench-kl bench-compiled bench-reduce-overhead bench-trainer trl-anchor
-# bench-scaling; unset, all but bench-reduce-overhead and bench-kl in that order; empty, none (e.g. to only
-# pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its cap,
+# bench-variants bench-microstep bench-kl bench-compiled bench-reduce-overhead bench-compiled-blocks bench-trainer
+# trl-anchor bench-scaling; unset, all but bench-reduce-overhead, bench-compiled-blocks and bench-kl in that
+# order; empty, none (e.g. to only pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its cap,
 # never into the needs of the stages after it, and is skipped when less than its own need is
 # left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
 # is the anchor script the trl-anchor stage runs; PRETRAIN_ARGS="..." trains the embedded model
@@ -24,7 +24,7 @@ DEADLINE_S=${DEADLINE_S:-580}
 STAGES=${STAGES-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
 # The least time (seconds) worth starting each stage with: a stage cut short measures nothing.
 declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40 [bench-kl]=40
-  [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
+  [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-compiled-blocks]=120 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
 for name in $STAGES; do
   [[ -n "${NEED_OF[$name]:-}" ]] || { echo "unknown stage '$name' (known: ${!NEED_OF[*]})" >&2; exit 2; }
 done
@@ -94,9 +94,9 @@ run_bench_kl() {
   # shellcheck disable=SC2086
   python3 benchmarks/bench_trainer.py --benches kl --reps 10 ${TRAINER_ARGS:-} --out "$OUT/trainer.csv"
 }
-run_compiled() {
+run_compiled() {  # MODE [bench_trainer options]
   # shellcheck disable=SC2086
-  python3 benchmarks/bench_trainer.py --compile "$1" --benches ${COMPILED_BENCHES:-microstep epoch} --reps 20 --epochs 3 \
+  python3 benchmarks/bench_trainer.py --compile "$@" --benches ${COMPILED_BENCHES:-microstep epoch} --reps 20 --epochs 3 \
     --ddpo-epochs 0 --out "$OUT/trainer.csv"
 }
 run_bench_trainer() {
@@ -127,6 +127,7 @@ for name in $STAGES; do
     bench-kl) stage bench-kl 60 bash -c run_bench_kl ;;
     bench-compiled) stage bench-compiled 300 bash -c "run_compiled default" ;;
     bench-reduce-overhead) stage bench-reduce-overhead 300 bash -c "run_compiled reduce-overhead" ;;
+    bench-compiled-blocks) stage bench-compiled-blocks 300 bash -c "run_compiled default --compile-scope blocks" ;;
     bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;
     trl-anchor) stage trl-anchor 200 bash -c run_trl_anchor ;;
     bench-scaling) stage bench-scaling 200 bash -c run_bench_scaling ;;

@@ -248,15 +248,36 @@ def test_compiled_gradient_is_checked_against_eager(tiny_model, tmp_path, backen
     trainer.close()
 
 
-def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path):
+def test_gradient_check_inside_an_accumulation_window(tiny_model, tmp_path):
+    """Training runs the check on its first micro-step, inside ``accelerator.accumulate`` and off the sync
+    boundary, where accelerate's ``optimizer.zero_grad`` does nothing: the check must still compare one eager
+    and one compiled gradient (not their sum; a correct compiler once failed it by 100%) and hand back the
+    gradient it found."""
+    trainer = make_trainer(tiny_model, tmp_path / "run")
+    assert trainer.accelerator.gradient_accumulation_steps > 1
+    batch, index = _first_minibatch(trainer)
+    trainer._unwrapped_unet.compile(backend="aot_eager", dynamic=False)
+    with trainer.accelerator.accumulate(trainer.unet):
+        assert not trainer.accelerator.sync_gradients
+        with torch.compiler.set_stance("force_eager"):
+            trainer.backward_timestep(batch, index)  # a gradient already accumulated before the check
+        before = [p.grad.clone() for p in trainer.params]
+        assert trainer.check_compiled_gradient(batch, index) < 1e-5
+        assert all(torch.equal(p.grad, b) for p, b in zip(trainer.params, before))
+    trainer.close()
+
+
+@pytest.mark.parametrize("scope", ["unet", "blocks"])
+def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path, scope):
     """compile_unet with the real compiler: the first micro-step checks the compiled gradient, so an epoch either
-    trains on one that matches eager or stops with the check's error (torch 2.13's CPU inductor miscompiles this
-    UNet's backward: some LoRA layers get zero gradient)."""
-    trainer = make_trainer(tiny_model, tmp_path / "run", compile_unet="default")
+    trains on one that matches eager or stops with the check's error. torch 2.13's CPU inductor miscompiles this
+    whole UNet's backward (some LoRA layers get zero gradient); its blocks compiled alone are right, and
+    ``compile_scope="blocks"`` must then train."""
+    trainer = make_trainer(tiny_model, tmp_path / "run", compile_unet="default", compile_scope=scope)
     try:
         trainer.step(0)
     except RuntimeError as error:
-        assert "differs from the eager one" in str(error)
+        assert scope == "unet" and "differs from the eager one" in str(error)
     else:
         assert trainer.global_step == 1
     finally:
@@ -285,6 +306,7 @@ def test_kl_penalty_under_compile_sees_the_adapters_switched_off(tiny_model, tmp
     ({"train_batch_size": 3}, "train_batch_size"),
     ({"train_gradient_accumulation_steps": 2}, "accumulation"),
     ({"compile_unet": "yes"}, "compile_unet"),
+    ({"compile_scope": "layers"}, "compile_scope"),
     ({"train_kl_coef": -0.1}, "train_kl_coef"),
 ])
 def test_config_errors_say_what_to_change(overrides, message):

@@ -16,6 +16,7 @@ BASELINES = ("group", "location")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("unet", "blocks")
 
 
 def _help(text: str, choices: tuple = (), **kwargs):
@@ -95,6 +96,9 @@ class PXPOConfig:
     compile_unet: str = _help("torch.compile the UNet with this mode ('no': eager). The first epoch pays the "
                               "compilation (a minute or more at SD-1.5 scale); see BENCHMARKS.md for what it gains",
                               default="no", choices=COMPILE_MODES)
+    compile_scope: str = _help("what compile_unet compiles: 'unet', the whole model; 'blocks', only its repeated "
+                               "transformer blocks (diffusers' regional compilation: a far shorter first "
+                               "compilation, the rest of the UNet eager)", default="unet", choices=COMPILE_SCOPES)
 
     # Output.
     save_freq: int = _help("write a checkpoint every this many epochs (0: only at the end)", default=5)
@@ -119,6 +123,7 @@ class PXPOConfig:
         choice("mixed_precision", MIXED_PRECISION)
         choice("train_lr_scheduler", LR_SCHEDULERS)
         choice("compile_unet", COMPILE_MODES)
+        choice("compile_scope", COMPILE_SCOPES)
         for name in ("num_epochs", "sample_num_steps", "sample_batch_size", "sample_num_batches_per_epoch",
                      "train_batch_size", "train_gradient_accumulation_steps", "train_num_inner_epochs",
                      "stat_buffer_size", "lora_rank", "reward_workers"):

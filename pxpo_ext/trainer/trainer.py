@@ -44,6 +44,8 @@ from .sampling import (
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Recompiles allowed per compiled code object with compile_scope="blocks" (13 needed at SD-1.5 scale).
+BLOCK_RECOMPILE_LIMIT = 64
 
 
 def cpu_distributed() -> bool:
@@ -150,9 +152,18 @@ class PXPOTrainer:
         self.params = params
         if c.compile_unet != "no":
             # In place, after LoRA and wrapping: every caller (sampling, training, DDP) runs the compiled forward and
-            # parameter names stay those of the plain module. Static shapes: sampling, training and evaluation each
-            # compile once for their own batch, which beats one dynamic-shape graph for all three.
-            unet.compile(mode=c.compile_unet, dynamic=False)
+            # parameter names stay those of the plain module.
+            if c.compile_scope == "blocks":
+                # Every instance of a repeated block shares one compiled code object, and each width, batch size and
+                # gradient mode is a recompile of it: 13 at SD-1.5 scale, past dynamo's default limit of 8, after which
+                # the blocks would silently run eager. Raise the limit (never lower it) rather than use dynamic
+                # shapes, which still hit it and compile slower graphs.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+                unet.compile_repeated_blocks(mode=c.compile_unet, dynamic=False)
+            else:
+                # Static shapes: sampling, training and evaluation each compile once for their own batch, which
+                # beats one dynamic-shape graph for all three.
+                unet.compile(mode=c.compile_unet, dynamic=False)
         self._compiled_gradient_unchecked = c.compile_unet != "no"
 
         self.tracker = StatTracker(c.per_prompt_stat_tracking, c.stat_buffer_size, c.stat_min_count,
@@ -351,16 +362,23 @@ class PXPOTrainer:
         Compilers have shipped silent miscompilations of backward passes (torch 2.13's CPU inductor gives
         some LoRA layers of a whole compiled UNet zero gradient), and a wrong gradient would train silently,
         so ``compile_unet`` is checked once before it is trusted. Returns the relative difference of the
-        flattened trainable gradients; leaves no gradient behind.
+        flattened trainable gradients; leaves the parameters' gradients as it found them.
         """
         self._compiled_gradient_unchecked = False
+        # Cleared by hand: the accelerate optimizer's zero_grad does nothing between gradient-accumulation
+        # boundaries, which is where training calls this (the compiled pass would add to the eager one's gradient).
+        accumulated = [p.grad for p in self.params]
         grads = []
-        for stance in ("force_eager", "default"):
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.compiler.set_stance(stance):
-                self.backward_timestep(batch, step_index)
-            grads.append(torch.cat([p.grad.float().flatten() for p in self.params if p.grad is not None]))
-        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            for stance in ("force_eager", "default"):
+                for p in self.params:
+                    p.grad = None
+                with torch.compiler.set_stance(stance):
+                    self.backward_timestep(batch, step_index)
+                grads.append(torch.cat([p.grad.float().flatten() for p in self.params if p.grad is not None]))
+        finally:
+            for p, grad in zip(self.params, accumulated):
+                p.grad = grad
         eager, compiled = grads
         difference = ((compiled - eager).norm() / eager.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
         if not difference <= tolerance:  # also catches NaN
