@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from tiny_pipeline import build_tiny_pipeline
 
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer, load_pipeline
+from pxpo_ext.trainer.trainer import BLOCK_RECOMPILE_LIMIT
 
 PROMPT = "a red circle on a blue background"
 
@@ -284,17 +285,25 @@ def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path, sc
         trainer.close()
 
 
-def test_kl_penalty_under_compile_sees_the_adapters_switched_off(tiny_model, tmp_path):
+@pytest.mark.parametrize("scope", ["unet", "blocks"])
+@torch._dynamo.config.patch(recompile_limit=BLOCK_RECOMPILE_LIMIT)  # as the trainer sets it for "blocks"
+def test_kl_penalty_under_compile_sees_the_adapters_switched_off(tiny_model, tmp_path, scope):
     """A compiled UNet must not keep running the adapters when the reference forward turns them off (the
-    compiler has to guard on the switch): the compiled run's KL history equals the eager one's."""
+    compiler has to guard on the switch; with ``compile_scope="blocks"`` the adapters sit inside the compiled
+    blocks): the compiled run's KL history equals the eager one's."""
+    torch._dynamo.reset()
     history = {}
     for compiled in (False, True):
         trainer = make_trainer(tiny_model, tmp_path / f"run{compiled}", train_kl_coef=1.0, num_epochs=2,
                                train_learning_rate=1e-2)
-        if compiled:
-            trainer._unwrapped_unet.compile(backend="aot_eager", dynamic=False)
+        unet = trainer._unwrapped_unet
+        if compiled and scope == "blocks":
+            unet.compile_repeated_blocks(backend="aot_eager", dynamic=False)
+        elif compiled:
+            unet.compile(backend="aot_eager", dynamic=False)
         history[compiled] = [m["reference_kl"] for m in trainer.train()]
         trainer.close()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled run did run compiled code
     assert history[False][0] == 0 and history[False][1] > 0
     assert history[True] == pytest.approx(history[False], rel=1e-4, abs=1e-9)
 
