@@ -6,7 +6,7 @@ from configs by ``tiny_pipeline.build_tiny_pipeline``, offline.
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tiny_pipeline import build_tiny_pipeline
 
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer, load_pipeline
@@ -283,6 +283,12 @@ def test_compile_unet_trains_only_on_a_checked_gradient(tiny_model, tmp_path, sc
         assert trainer.global_step == 1
     finally:
         trainer.close()
+
+
+def test_compile_scope_blocks_needs_named_blocks(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(UNet2DConditionModel, "_repeated_blocks", [])
+    with pytest.raises(ValueError, match="names none. Use compile_scope='unet'"):
+        make_trainer(tiny_model, tmp_path / "run", compile_unet="default", compile_scope="blocks")
 
 
 @pytest.mark.parametrize("scope", ["unet", "blocks"])
