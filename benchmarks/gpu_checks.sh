@@ -8,9 +8,9 @@
 # STAGES="names" picks the stages and their order. The stages: build kernel-tests bench-ops
 # bench-variants bench-microstep bench-kl bench-compiled bench-reduce-overhead bench-compiled-blocks bench-trainer
 # trl-anchor bench-scaling; unset, all but bench-reduce-overhead, bench-compiled-blocks and bench-kl in that
-# order; empty, none (e.g. to only pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it runs for at most its cap,
-# never into the needs of the stages after it, and is skipped when less than its own need is
-# left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
+# order; empty, none (e.g. to only pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it
+# runs for at most its cap, never into the needs of the stages after it, and is skipped when less than its
+# own need is left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
 # is the anchor script the trl-anchor stage runs; PRETRAIN_ARGS="..." trains the embedded model
 # (python/pretrain_tiny.py) in the background during build and kernel-tests, and the first other
 # stage waits for it, so nothing is timed while it trains; OPS_BATCHES and TRAINER_ARGS change those
