@@ -158,12 +158,13 @@ class PXPOTrainer:
                 # gradient mode is a recompile of it: 13 at SD-1.5 scale, past dynamo's default limit of 8, after which
                 # the blocks would silently run eager. Raise the limit (never lower it) rather than use dynamic
                 # shapes, which still hit it and compile slower graphs.
-                if not getattr(unet, "_repeated_blocks", None):
-                    raise ValueError(f"compile_scope='blocks' needs a UNet that names its repeated blocks "
-                                     f"(diffusers' _repeated_blocks); {type(unet).__name__} names none. Use "
-                                     "compile_scope='unet' to compile it whole")
+                try:
+                    unet.compile_repeated_blocks(mode=c.compile_unet, dynamic=False)
+                except ValueError as error:  # diffusers' own check: no repeated blocks named, or none found
+                    raise ValueError(f"compile_scope='blocks' needs a UNet that names its repeated blocks; "
+                                     f"{type(unet).__name__} names none. Use compile_scope='unet' to compile it "
+                                     f"whole (diffusers: {error})") from None
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-                unet.compile_repeated_blocks(mode=c.compile_unet, dynamic=False)
             else:
                 # Static shapes: sampling, training and evaluation each compile once for their own batch, which
                 # beats one dynamic-shape graph for all three.
