@@ -6,6 +6,7 @@ tests/test_ops.py.
 Skipped when the extension is not built (``PXPO_REQUIRE_NATIVE=1`` turns that into a failure).
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -194,6 +195,64 @@ def test_cuda_results_are_bit_identical_across_runs(granularity):
     for _ in range(3):
         for a, b in zip(first, OPS.pxpo_loss(*args)):
             assert torch.equal(a, b)
+
+
+def _loss_outputs_equal(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
+@pytest.mark.parametrize("granularity", [PIXEL, MEAN])
+def test_cuda_loss_replays_in_a_cuda_graph(granularity):
+    # The last block of each launch resets its stream's arrival counter, so replays stay right.
+    static = loss_args((16, 4, 64, 64), torch.float32, granularity, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = OPS.pxpo_loss_and_grad(*static)
+    for _ in range(3):
+        fresh = loss_args((16, 4, 64, 64), torch.float32, granularity, device="cuda")
+        for dst, src in zip(static, fresh):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        assert _loss_outputs_equal(captured, OPS.pxpo_loss_and_grad(*fresh))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
+def test_cuda_loss_first_called_inside_a_graph_capture():
+    # The per-device counters are created while a stream captures (a fresh process: nothing ran before).
+    code = """
+import torch, pxpo_ext  # noqa: F401
+from tests.test_native import loss_args, _loss_outputs_equal
+from pxpo_ext.reference import PIXEL
+args = loss_args((4, 4, 16, 16), torch.float32, PIXEL, device="cuda")
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    captured = torch.ops.pxpo.pxpo_loss_and_grad(*args)
+graph.replay()
+assert _loss_outputs_equal(captured, torch.ops.pxpo.pxpo_loss_and_grad(*args))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
+def test_cuda_loss_on_concurrent_streams():
+    # Each stream has its own arrival counter: launches of different grid sizes overlap freely.
+    cases = [loss_args(shape, torch.float32, PIXEL, device="cuda") for shape in ((1, 4, 64, 64), (64, 4, 64, 64),
+                                                                                    (3, 4, 8, 8))]
+    expected = [OPS.pxpo_loss_and_grad(*args) for args in cases]
+    streams = [torch.cuda.Stream() for _ in cases]
+    torch.cuda.synchronize()
+    results = [[] for _ in cases]
+    for _ in range(20):
+        for args, stream, out in zip(cases, streams, results):
+            with torch.cuda.stream(stream):
+                out.append(OPS.pxpo_loss_and_grad(*args))
+    torch.cuda.synchronize()
+    for want, got in zip(expected, results):
+        assert all(_loss_outputs_equal(want, g) for g in got)
 
 
 def test_direct_calls_with_wrong_shapes_fail_clearly():
