@@ -64,8 +64,8 @@ def wall_us(fn, device: str, min_time: float = 0.3, warmup: int = 3) -> float:
     return statistics.median(times) * 1e6
 
 
-def gpu_busy_us(fn, iters: int = 20) -> tuple[float, float]:
-    """Kernel time per call and kernels per call, from the profiler."""
+def gpu_busy_us(fn, iters: int = 20) -> tuple[float, float, dict[str, float]]:
+    """Kernel time per call, kernels per call and each kernel's time per call, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -76,7 +76,10 @@ def gpu_busy_us(fn, iters: int = 20) -> tuple[float, float]:
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in events)
-    return busy / iters, len(events) / iters
+    per_kernel: dict[str, float] = {}
+    for e in events:
+        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / iters
+    return busy / iters, len(events) / iters, per_kernel
 
 
 def copy_bandwidth(device: str) -> float:
@@ -123,7 +126,8 @@ def cases(batch: int, dtype, device: str):
     yield "pxpo_loss fwd+bwd", loss_bytes, {"eager reference": ref_loss_fwd_bwd,
                                             "compiled reference": lambda: compiled_ref(x, mean, std, logp_old, adv, weight, 0.2, ref.PIXEL, ref.PPO),
                                             "pxpo (autograd op)": api_loss_fwd_bwd,
-                                            "pxpo (loss_and_grad)": lambda: pxpo_ext.pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, 0.2)}
+                                            "pxpo (loss_and_grad)": lambda: pxpo_ext.pxpo_loss_and_grad(x, mean, std, logp_old, adv, weight, 0.2),
+                                            "pxpo (loss_and_grad, unweighted)": lambda: pxpo_ext.pxpo_loss_and_grad(x, mean, std, logp_old, adv, None, 0.2)}
 
     def ref_logprob():
         mean_req.grad = None
@@ -149,6 +153,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backends", nargs="+", default=None, help="backends to time (default: all that run here)")
     p.add_argument("--out", default="benchmarks/results/ops.csv")
+    p.add_argument("--kernels", action="store_true", help="also print each kernel's GPU time per call")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds each timing spends (5 medians of a fifth)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -169,7 +174,8 @@ def main():
                         except Exception as e:  # a provider that cannot run here (e.g. inductor without a compiler)
                             print(f"  {op} {provider} {backend}: skipped ({type(e).__name__}: {str(e)[:120]})")
                             continue
-                        busy, launches = gpu_busy_us(fn) if device == "cuda" else (float("nan"), float("nan"))
+                        busy, launches, per_kernel = (gpu_busy_us(fn) if device == "cuda"
+                                                      else (float("nan"), float("nan"), {}))
                     label = provider if backend is None else f"{provider} [{backend}]"
                     row = dict(date=dt.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
                                dtype=args.dtype, op=op, provider=label, batch=batch, wall_us=round(us, 2),
@@ -177,6 +183,9 @@ def main():
                                bytes=nbytes, pct_of_floor=round(100 * floor_us / us, 1))
                     rows.append(row)
                     print(f"  B={batch:5d} {op:26s} {label:34s} wall {us:10.1f} us  busy {busy:8.1f} us  floor {floor_us:8.1f} us")
+                    if args.kernels:
+                        for name, kernel_us in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+                            print(f"      {kernel_us:8.2f} us  {name[:110]}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     new = not os.path.exists(args.out)
     with open(args.out, "a", newline="") as f:

@@ -1,11 +1,12 @@
-// CUDA kernels of pxpo::pxpo_loss (SPEC §5). One launch, no host synchronisation:
-//   - element/pixel granularity: grid = B images x S slices; each block first sums its image's
-//     weights (every slice of an image computes the same sum in the same order, so they agree
-//     bit for bit), then walks its slice with 16-byte packs, computing log-probs, ratios, clipped
-//     terms and d loss / d mean, and writes one row of partial sums. Mean granularity (DDPO): one
-//     block per image, which reduces the image's log-prob and then writes its gradient.
-//   - the last block to finish (last_block.cuh) adds the rows in a fixed order into the loss and
-//     statistics, so results are bitwise reproducible although blocks finish in any order.
+// CUDA kernels of pxpo::pxpo_loss (SPEC §5). Two launches, no host synchronisation and no
+// atomics:
+//   1. the fused pass. Element/pixel granularity: grid = B images x S slices; each block
+//      first sums its image's weights (every slice of an image computes the same sum in
+//      the same order, so they agree bit for bit), then walks its slice with 16-byte
+//      packs, computing log-probs, ratios, clipped terms and d loss / d mean, and writes
+//      one row of partial sums. Mean granularity (DDPO): one block per image, which
+//      reduces the image's log-prob and then writes its gradient.
+//   2. one block adds the partial rows in a fixed order into the loss and statistics.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -17,7 +18,6 @@
 
 #include "../pxpo_checks.h"
 #include "cuda_utils.cuh"
-#include "last_block.cuh"
 
 namespace pxpo::cuda {
 namespace {
@@ -43,33 +43,11 @@ __device__ __forceinline__ void accumulate(T (&part)[kStats], const UnitLoss<T>&
   part[3] += u.kept ? T(0) : T(1);
 }
 
-// Adds the partial rows in a fixed order (in double) into loss and [approx_kl, clipfrac, skipped].
-// Run by the launch's last block, after every block's row was counted in (__ldcg: from L2).
-template <typename T>
-__device__ __forceinline__ void finalize(const T* __restrict__ partials, int64_t rows, T* __restrict__ loss,
-                                         T* __restrict__ stats) {
-  __shared__ double shared[kWarps * kStats];
-  double acc[kStats] = {0.0, 0.0, 0.0, 0.0, 0.0};
-  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-#pragma unroll
-    for (int k = 0; k < kStats; ++k) acc[k] += static_cast<double>(__ldcg(partials + r * kStats + k));
-  }
-  block_sum(acc, shared);
-  if (threadIdx.x == 0) {
-    const double total_w = acc[4] > 0 ? acc[4] : 1.0;
-    loss[0] = static_cast<T>(acc[0]);
-    stats[0] = static_cast<T>(0.5 * acc[1] / total_w);
-    stats[1] = static_cast<T>(acc[2] / total_w);
-    stats[2] = static_cast<T>(acc[3]);
-  }
-}
-
 template <typename scalar_t, typename T, int VEC, bool ELEMENT>
 __global__ void __launch_bounds__(kThreads)
     spatial_loss_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mean,
                         const T* __restrict__ std_b, const T* __restrict__ logp_old, const T* __restrict__ adv,
                         const T* __restrict__ weight, scalar_t* __restrict__ grad, T* __restrict__ partials,
-                        unsigned int* __restrict__ counter, T* __restrict__ loss, T* __restrict__ stats,
                         LossShape shape, ClipBounds<T> clip) {
   __shared__ T shared[kWarps * kStats];
   const int64_t b = blockIdx.x / shape.slices, slice = blockIdx.x % shape.slices;
@@ -176,7 +154,6 @@ __global__ void __launch_bounds__(kThreads)
     row[3] = part[3];
     row[4] = slice == 0 ? wsum : T(0);  // counted once per image
   }
-  if (arrived_last(counter)) finalize(partials, gridDim.x, loss, stats);
 }
 
 // DDPO's per-image loss: one block per image; the log-prob needs the whole image first.
@@ -184,8 +161,7 @@ template <typename scalar_t, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     mean_loss_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ mean, const T* __restrict__ std_b,
                      const T* __restrict__ logp_old, const T* __restrict__ adv, scalar_t* __restrict__ grad,
-                     T* __restrict__ partials, unsigned int* __restrict__ counter, T* __restrict__ loss,
-                     T* __restrict__ stats, int64_t batch, int64_t image_packs, int64_t loss_type,
+                     T* __restrict__ partials, int64_t batch, int64_t image_packs, int64_t loss_type,
                      ClipBounds<T> clip) {
   __shared__ T shared[kWarps];
   const int64_t b = blockIdx.x, base = b * image_packs;
@@ -221,7 +197,26 @@ __global__ void __launch_bounds__(kThreads)
     row[3] = u.kept ? T(0) : T(1);
     row[4] = T(1);
   }
-  if (arrived_last(counter)) finalize(partials, gridDim.x, loss, stats);
+}
+
+// Adds the partial rows in a fixed order (in double) into loss and [approx_kl, clipfrac, skipped].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const T* __restrict__ partials, int64_t rows, T* __restrict__ loss, T* __restrict__ stats) {
+  __shared__ double shared[kWarps * kStats];
+  double acc[kStats] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
+#pragma unroll
+    for (int k = 0; k < kStats; ++k) acc[k] += static_cast<double>(partials[r * kStats + k]);
+  }
+  block_sum(acc, shared);
+  if (threadIdx.x == 0) {
+    const double total_w = acc[4] > 0 ? acc[4] : 1.0;
+    loss[0] = static_cast<T>(acc[0]);
+    stats[0] = static_cast<T>(0.5 * acc[1] / total_w);
+    stats[1] = static_cast<T>(acc[2] / total_w);
+    stats[2] = static_cast<T>(acc[3]);
+  }
 }
 
 // Slices per image: enough blocks to fill the device at small batches, each with at least
@@ -252,7 +247,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cuda(const at::Tensor& 
   const int64_t batch = x.size(0), channels = x.size(1), pixels = x.size(2) * x.size(3);
   const int device = x.get_device();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  unsigned int* const counter = arrival_counter(device, stream);
 
   PXPO_DISPATCH_CUDA_LATENTS(x.scalar_type(), "pxpo_loss_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -265,8 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cuda(const at::Tensor& 
         mean_loss_kernel<scalar_t, T, VEC><<<batch, kThreads, 0, stream>>>(
             x.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(), std_b.const_data_ptr<T>(),
             logp_old.const_data_ptr<T>(), adv.const_data_ptr<T>(), grad.mutable_data_ptr<scalar_t>(),
-            partials.mutable_data_ptr<T>(), counter, loss.mutable_data_ptr<T>(), stats.mutable_data_ptr<T>(), batch,
-            channels * pixels / VEC, loss_type, clip);
+            partials.mutable_data_ptr<T>(), batch, channels * pixels / VEC, loss_type, clip);
       } else {
         const int64_t packs = pixels / VEC;
         const LossShape shape{batch, channels, packs, slices_per_image(batch, packs, device), loss_type,
@@ -278,9 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pxpo_loss_cuda(const at::Tensor& 
             x.const_data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(), std_b.const_data_ptr<T>(),
             logp_old.const_data_ptr<T>(), adv.const_data_ptr<T>(),
             weight.defined() ? weight.const_data_ptr<T>() : nullptr, grad.mutable_data_ptr<scalar_t>(),
-            partials.mutable_data_ptr<T>(), counter, loss.mutable_data_ptr<T>(), stats.mutable_data_ptr<T>(), shape,
-            clip);
+            partials.mutable_data_ptr<T>(), shape, clip);
       }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_kernel<T><<<1, kThreads, 0, stream>>>(partials.const_data_ptr<T>(), partials.size(0),
+                                                     loss.mutable_data_ptr<T>(), stats.mutable_data_ptr<T>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const bool packed = granularity == kMean
