@@ -2,9 +2,9 @@
 
 Launches per call: two.
 
-1. The main kernel. Pixel/element granularity: program ``(b, s)`` first sums image ``b``'s
-   weights (the per-image normaliser the gradient needs; a ``(h, w)`` float32 row, cheap next
-   to the ``(C, h, w)`` latents), then walks its pixel blocks: log-prob, ratio, clipped term,
+1. The main kernel. Pixel/element granularity: program ``(b, s)`` loads its first pixel block,
+   sums image ``b``'s weights meanwhile (the per-image normaliser the gradient needs; a ``(h, w)``
+   float32 row, cheap next to the ``(C, h, w)`` latents), then walks its pixel blocks: log-prob, ratio, clipped term,
    ``dL/dmean`` stored in ``mean``'s dtype, and five per-program partial sums (loss, weighted
    squared log-ratio, weighted clip count, skipped units, weight). Mean granularity (DDPO): one program per
    image, which needs the whole image's log-prob before any gradient: a reduction loop, then
@@ -23,6 +23,59 @@ from .launch import launch, num_warps, plane_is_flat, split_per_image, tile_shap
 
 
 @triton.jit
+def _load_tile(x_ptr, mean_ptr, lpo_ptr, adv_ptr, weight_ptr, b64, offs_c, mask_c, p0, C, W, HW,
+               sxb, sxc, sxh, sxw, smb, smc, smh, smw, GRAN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               ADV_PER_ELEMENT: tl.constexpr, X_FLAT: tl.constexpr, M_FLAT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One ``(BLOCK_C, BLOCK_P)`` tile's inputs: ``x``, ``mean``, the pixels' weights, old log-probs and advantages."""
+    offs_p = tl.multiple_of(p0, BLOCK_P) + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < HW
+    mask = mask_c[:, None] & mask_p[None, :]
+    x = tl.load(x_ptr + tile_offsets(b64, offs_c, offs_p, W, sxb, sxc, sxh, sxw, X_FLAT), mask=mask, other=0.0)
+    m = tl.load(mean_ptr + tile_offsets(b64, offs_c, offs_p, W, smb, smc, smh, smw, M_FLAT), mask=mask, other=0.0)
+    pix = b64 * HW + offs_p
+    elem = b64 * C * HW + offs_c[:, None] * HW + offs_p[None, :]
+    if HAS_WEIGHT:
+        wt = tl.load(weight_ptr + pix, mask=mask_p, other=0.0)
+    else:
+        wt = tl.where(mask_p, 1.0, 0.0)
+    if GRAN == 0:
+        lp_old = tl.load(lpo_ptr + elem, mask=mask, other=0.0)
+        if ADV_PER_ELEMENT:
+            adv = tl.load(adv_ptr + elem, mask=mask, other=0.0)
+        else:
+            adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)[None, :]
+    else:
+        lp_old = tl.load(lpo_ptr + pix, mask=mask_p, other=0.0)
+        adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)
+    return x, m, wt, lp_old, adv
+
+
+@triton.jit
+def _tile_loss(x, m, wt, lp_old, adv, grad_ptr, b64, offs_c, mask_c, p0, C, HW, var, log_std, scale, lo, hi, eps,
+               GRAN: tl.constexpr, LOSS_TYPE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Stores one tile's ``dL/dmean``; returns its per-pixel sums of ``w * term``, ``w * dl^2``, ``w * [clipped]``,
+    skipped units and ``w``."""
+    offs_p = tl.multiple_of(p0, BLOCK_P) + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < HW
+    mask = mask_c[:, None] & mask_p[None, :]
+    d = x.to(tl.float32) - m.to(tl.float32)
+    lp = tl.where(mask, element_logprob(d, var, log_std), 0.0)
+    if GRAN == 0:
+        wu = tl.where(mask, wt[None, :], 0.0)
+        term, dterm, dl, is_clipped, kept = ppo_terms(lp, lp_old, adv, lo, hi, eps, LOSS_TYPE)
+        g = dterm * wu * scale
+        sums = (tl.sum(wu * term, axis=0), tl.sum(wu * dl * dl, axis=0), tl.sum(tl.where(is_clipped, wu, 0.0), axis=0),
+                tl.sum(tl.where(mask & ~kept, 1.0, 0.0), axis=0), tl.sum(wu, axis=0))
+    else:
+        term, dterm, dl, is_clipped, kept = ppo_terms(tl.sum(lp, axis=0), lp_old, adv, lo, hi, eps, LOSS_TYPE)
+        g = (dterm * wt * scale)[None, :]
+        sums = (wt * term, wt * dl * dl, tl.where(is_clipped, wt, 0.0), tl.where(mask_p & ~kept, 1.0, 0.0), wt)
+    elem = b64 * C * HW + offs_c[:, None] * HW + offs_p[None, :]
+    tl.store(grad_ptr + elem, mean_grad(g, d / var).to(grad_ptr.dtype.element_ty), mask=mask)
+    return sums
+
+
+@triton.jit
 def _loss_kernel(
     x_ptr, mean_ptr, std_ptr, lpo_ptr, adv_ptr, weight_ptr, grad_ptr, part_ptr,
     C, W, HW, split, num_programs, inv_batch, unweighted_norm, lo, hi, eps,
@@ -35,6 +88,12 @@ def _loss_kernel(
     b64 = b.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    # The first tile is loaded before the weight sum below so that its loads overlap the sum's
+    # (at small batches each program has one tile, and the sum would otherwise cost a round trip).
+    p_first = s * BLOCK_P
+    x, m, wt, lp_old, adv = _load_tile(x_ptr, mean_ptr, lpo_ptr, adv_ptr, weight_ptr, b64, offs_c, mask_c, p_first,
+                                       C, W, HW, sxb, sxc, sxh, sxw, smb, smc, smh, smw,
+                                       GRAN, HAS_WEIGHT, ADV_PER_ELEMENT, X_FLAT, M_FLAT, BLOCK_P)
     # Per-image normaliser: sum of unit weights (C per pixel for element granularity).
     if HAS_WEIGHT:
         wacc = tl.zeros([BLOCK_C * BLOCK_P], dtype=tl.float32)
@@ -50,50 +109,21 @@ def _loss_kernel(
     std = tl.load(std_ptr + b)
     var = std * std
     log_std = tl.log(std)
-    acc_loss = tl.zeros([BLOCK_P], dtype=tl.float32)
-    acc_kl = tl.zeros([BLOCK_P], dtype=tl.float32)
-    acc_clip = tl.zeros([BLOCK_P], dtype=tl.float32)
-    acc_skip = tl.zeros([BLOCK_P], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for p0 in range(s * BLOCK_P, HW, split * BLOCK_P):
-        offs_p = tl.multiple_of(p0, BLOCK_P) + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        mask = mask_c[:, None] & mask_p[None, :]
-        x = tl.load(x_ptr + tile_offsets(b64, offs_c, offs_p, W, sxb, sxc, sxh, sxw, X_FLAT), mask=mask, other=0.0)
-        m = tl.load(mean_ptr + tile_offsets(b64, offs_c, offs_p, W, smb, smc, smh, smw, M_FLAT), mask=mask, other=0.0)
-        d = x.to(tl.float32) - m.to(tl.float32)
-        lp = tl.where(mask, element_logprob(d, var, log_std), 0.0)
-        pix = b64 * HW + offs_p
-        elem = b64 * C * HW + offs_c[:, None] * HW + offs_p[None, :]
-        if HAS_WEIGHT:
-            wt = tl.load(weight_ptr + pix, mask=mask_p, other=0.0)
-        else:
-            wt = tl.where(mask_p, 1.0, 0.0)
-        if GRAN == 0:
-            lp_old = tl.load(lpo_ptr + elem, mask=mask, other=0.0)
-            if ADV_PER_ELEMENT:
-                adv = tl.load(adv_ptr + elem, mask=mask, other=0.0)
-            else:
-                adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)[None, :]
-            wu = tl.where(mask, wt[None, :], 0.0)
-            term, dterm, dl, is_clipped, kept = ppo_terms(lp, lp_old, adv, lo, hi, eps, LOSS_TYPE)
-            g = dterm * wu * scale
-            acc_loss += tl.sum(wu * term, axis=0)
-            acc_kl += tl.sum(wu * dl * dl, axis=0)
-            acc_clip += tl.sum(tl.where(is_clipped, wu, 0.0), axis=0)
-            acc_skip += tl.sum(tl.where(mask & ~kept, 1.0, 0.0), axis=0)
-            acc_w += tl.sum(wu, axis=0)
-        else:
-            lp_old = tl.load(lpo_ptr + pix, mask=mask_p, other=0.0)
-            adv = tl.load(adv_ptr + pix, mask=mask_p, other=0.0)
-            term, dterm, dl, is_clipped, kept = ppo_terms(tl.sum(lp, axis=0), lp_old, adv, lo, hi, eps, LOSS_TYPE)
-            g = (dterm * wt * scale)[None, :]
-            acc_loss += wt * term
-            acc_kl += wt * dl * dl
-            acc_clip += tl.where(is_clipped, wt, 0.0)
-            acc_skip += tl.where(mask_p & ~kept, 1.0, 0.0)
-            acc_w += wt
-        tl.store(grad_ptr + elem, mean_grad(g, d / var).to(grad_ptr.dtype.element_ty), mask=mask)
+    acc_loss, acc_kl, acc_clip, acc_skip, acc_w = _tile_loss(x, m, wt, lp_old, adv, grad_ptr, b64, offs_c, mask_c,
+                                                             p_first, C, HW, var, log_std, scale, lo, hi, eps,
+                                                             GRAN, LOSS_TYPE, BLOCK_P)
+    for p0 in range(p_first + split * BLOCK_P, HW, split * BLOCK_P):
+        x, m, wt, lp_old, adv = _load_tile(x_ptr, mean_ptr, lpo_ptr, adv_ptr, weight_ptr, b64, offs_c, mask_c, p0,
+                                           C, W, HW, sxb, sxc, sxh, sxw, smb, smc, smh, smw,
+                                           GRAN, HAS_WEIGHT, ADV_PER_ELEMENT, X_FLAT, M_FLAT, BLOCK_P)
+        t_loss, t_kl, t_clip, t_skip, t_w = _tile_loss(x, m, wt, lp_old, adv, grad_ptr, b64, offs_c, mask_c, p0,
+                                                       C, HW, var, log_std, scale, lo, hi, eps,
+                                                       GRAN, LOSS_TYPE, BLOCK_P)
+        acc_loss += t_loss
+        acc_kl += t_kl
+        acc_clip += t_clip
+        acc_skip += t_skip
+        acc_w += t_w
     slot = b * split + s
     tl.store(part_ptr + slot, tl.sum(acc_loss) * scale)
     tl.store(part_ptr + num_programs + slot, tl.sum(acc_kl))
