@@ -40,6 +40,12 @@ __device__ __forceinline__ void store_pack(T* base, int64_t pack_index, const Pa
   reinterpret_cast<Pack<T, N>*>(base)[pack_index] = p;
 }
 
+// Asks for pack `pack_index`'s line to be brought into L2, without waiting for it.
+template <int N, typename T>
+__device__ __forceinline__ void prefetch_pack(const T* base, int64_t pack_index) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const Pack<T, N>*>(base) + pack_index));
+}
+
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> fill_pack(T value) {
   Pack<T, N> p;

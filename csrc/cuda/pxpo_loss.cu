@@ -53,6 +53,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x / shape.slices, slice = blockIdx.x % shape.slices;
   const int64_t channels = shape.channels, packs = shape.packs;
 
+  const int64_t per_slice = ceil_div(packs, shape.slices);
+  const int64_t v_end = min(packs, (slice + 1) * per_slice);
+  // The weight sum below waits on DRAM before anything else can start; the first pack's lines are
+  // requested meanwhile, so that its loads then come from L2 (at small batches each thread has one pack).
+  if (weight != nullptr && slice * per_slice + threadIdx.x < v_end) {
+    const int64_t v = slice * per_slice + threadIdx.x, pixel_pack = b * packs + v;
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t pi = (b * channels + c) * packs + v;
+      prefetch_pack<VEC>(x, pi);
+      prefetch_pack<VEC>(mean, pi);
+      if (ELEMENT) prefetch_pack<VEC>(logp_old, pi);
+      if (ELEMENT && shape.adv_per_element) prefetch_pack<VEC>(adv, pi);
+    }
+    if (!ELEMENT) prefetch_pack<VEC>(logp_old, pixel_pack);
+    if (!ELEMENT || !shape.adv_per_element) prefetch_pack<VEC>(adv, pixel_pack);
+  }
   // Sum of this image's unit weights; each unit of an element-granularity image is one channel.
   T wsum = static_cast<T>(packs * VEC) * (ELEMENT ? static_cast<T>(channels) : T(1));
   if (weight != nullptr) {
@@ -69,8 +85,6 @@ __global__ void __launch_bounds__(kThreads)
   const StdTerms<T> s = std_terms(std_b[b]);
   const T g_scale = scale * s.inv_var;  // d loss / d (w * term), times 1 / sigma^2
 
-  const int64_t per_slice = ceil_div(packs, shape.slices);
-  const int64_t v_end = min(packs, (slice + 1) * per_slice);
   T part[kStats] = {T(0), T(0), T(0), T(0), T(0)};
   for (int64_t v = slice * per_slice + threadIdx.x; v < v_end; v += kThreads) {
     const int64_t pixel_pack = b * packs + v;
