@@ -83,7 +83,7 @@ run_kernel_tests() {  # the overflow guard's CUDA kernels included (tests/test_n
 }
 run_bench_ops() {
   # shellcheck disable=SC2086
-  python3 benchmarks/bench_ops.py --device cuda --batch ${OPS_BATCHES:-16 128 1024 4096} --min-time 0.05 \
+  python3 benchmarks/bench_ops.py --device cuda --batch ${OPS_BATCHES:-16 128 1024 4096} --min-time 0.05 --kernels \
     --out "$OUT/ops.csv"
 }
 run_bench_variants() { python3 benchmarks/bench_trainer.py --benches microstep variants --out "$OUT/trainer.csv"; }

@@ -101,3 +101,17 @@ def test_cpu_kernel_benchmark_prints_its_rows_and_the_pooling_floor(tmp_path, na
     out = _bench_cpu_kernels(tmp_path, "reward_to_latent")
     assert sum(line.startswith("| reward_to_latent") for line in out.splitlines()) == 1
     assert "reward_to_latent's floor, both inputs read once" in out and "ms at 1 thread" in out
+
+
+def test_ops_benchmark_writes_a_row_per_op_and_provider(tmp_path, native_cpu):
+    out = tmp_path / "ops.csv"
+    printed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--device", "cpu",
+                              "--batch", "1", "--min-time", "0.002", "--kernels", "--out", str(out)],
+                             check=True, cwd=tmp_path, capture_output=True, text=True).stdout
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    providers = {(r["op"], r["provider"]) for r in rows}
+    assert ("pxpo_loss fwd+bwd", "pxpo (loss_and_grad, unweighted) [cpu]") in providers
+    assert ("reward_to_latent weighted", "pxpo [cpu]") in providers
+    assert all(float(r["wall_us"]) > 0 and r["batch"] == "1" for r in rows)
+    assert f"wrote {len(rows)} rows" in printed
