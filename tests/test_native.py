@@ -204,7 +204,7 @@ def _loss_outputs_equal(a, b):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
 @pytest.mark.parametrize("granularity", [PIXEL, MEAN])
 def test_cuda_loss_replays_in_a_cuda_graph(granularity):
-    # The last block of each launch resets its stream's arrival counter, so replays stay right.
+    # Training under CUDA graphs (torch.compile's reduce-overhead, hand capture) replays the op on new inputs.
     static = loss_args((16, 4, 64, 64), torch.float32, granularity, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -220,7 +220,7 @@ def test_cuda_loss_replays_in_a_cuda_graph(granularity):
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
 def test_cuda_loss_first_called_inside_a_graph_capture():
-    # The per-device counters are created while a stream captures (a fresh process: nothing ran before).
+    # A fresh process whose first call is captured: the op's lazy per-device set-up must be legal in a capture.
     code = """
 import torch, pxpo_ext  # noqa: F401
 from tests.test_native import loss_args, _loss_outputs_equal
@@ -239,7 +239,7 @@ assert _loss_outputs_equal(captured, torch.ops.pxpo.pxpo_loss_and_grad(*args))
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and the CUDA kernels")
 def test_cuda_loss_on_concurrent_streams():
-    # Each stream has its own arrival counter: launches of different grid sizes overlap freely.
+    # Launches of different grid sizes on several streams at once share no state.
     cases = [loss_args(shape, torch.float32, PIXEL, device="cuda") for shape in ((1, 4, 64, 64), (64, 4, 64, 64),
                                                                                     (3, 4, 8, 8))]
     expected = [OPS.pxpo_loss_and_grad(*args) for args in cases]
