@@ -1,16 +1,14 @@
 """The shipped tiny-shapes pipeline: a standard offline diffusers folder whose samples follow their prompts."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from pxpo_ext import embedded
+from pxpo_ext.embedded import pretrain
 from pxpo_ext.judge import fidelity, judge_batch, segment_colours
 from pxpo_ext.scenes import prompts
 
-ROOT = Path(__file__).resolve().parents[1]
 PATH = embedded.pipeline_path()
 needs_weights = pytest.mark.skipif(not (PATH / "model_index.json").exists(),
                                    reason="the embedded pipeline has not been trained (python python/pretrain_tiny.py)")
@@ -87,34 +85,19 @@ def test_missing_weights_name_the_training_command(tmp_path):
 
 
 def test_quick_training_writes_a_loadable_pipeline(tmp_path):
-    sys.path.insert(0, str(ROOT / "python"))
-    try:
-        import pretrain_tiny
-    finally:
-        sys.path.pop(0)
-    pretrain_tiny.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
     quick = embedded.load_pipeline(path=tmp_path)
     with torch.no_grad():
         out = quick(["a red circle on a blue background"], num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and torch.isfinite(out).all()
-    result = pretrain_tiny.evaluate(str(tmp_path), n=2, guidance=5.0, steps=2, seed=0, grid=None, threads=1)
+    result = pretrain.evaluate(str(tmp_path), n=2, guidance=5.0, steps=2, seed=0, grid=None, threads=1)
     for judged in (result["fidelity"], result["vae_reconstruction_fidelity"]):
         assert judged["n"] == 2 and all(0.0 <= judged[k] <= 1.0 for k in ("background", "objects", "all"))
     assert result["steps"] == 2 and result["sample_8x20_s"] > 0
 
 
-def _pretrain_module():
-    sys.path.insert(0, str(ROOT / "python"))
-    try:
-        import pretrain_tiny
-    finally:
-        sys.path.pop(0)
-    return pretrain_tiny
-
-
 def test_budgeted_quick_training_records_its_stages(tmp_path):
-    pretrain_tiny = _pretrain_module()
-    pretrain_tiny.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
+    pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
                         "--offset-noise", "0.2", "--device", "cpu"])
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["device"] == "cpu" and report["offset_noise"] == 0.2 and report["max_minutes"] == 0.5
@@ -127,24 +110,22 @@ def test_budgeted_quick_training_records_its_stages(tmp_path):
 def test_budget_clock_stops_at_its_deadline_and_anneals():
     import time
 
-    pretrain_tiny = _pretrain_module()
-    clock = pretrain_tiny.Clock(1000, deadline=time.time() - 1)
+    clock = pretrain.Clock(1000, deadline=time.time() - 1)
     assert list(clock) == [0] and clock.done == 1 and clock.stopped_by == "budget"  # one step at least
-    clock = pretrain_tiny.Clock(10, stop=4)
+    clock = pretrain.Clock(10, stop=4)
     assert list(clock) == [0, 1, 2, 3] and clock.stopped_by == "stop"
-    assert pretrain_tiny.lr_at(500, 1000, 1.0, 10, time_fraction=1.0) == pytest.approx(0.1)
-    assert pretrain_tiny.lr_at(500, 1000, 1.0, 10) == pretrain_tiny.lr_at(500, 1000, 1.0, 10, time_fraction=0.0)
-    budget = pretrain_tiny.Budget(1.0, (0.25, 0.6, 0.15), start=time.time())
+    assert pretrain.lr_at(500, 1000, 1.0, 10, time_fraction=1.0) == pytest.approx(0.1)
+    assert pretrain.lr_at(500, 1000, 1.0, 10) == pretrain.lr_at(500, 1000, 1.0, 10, time_fraction=0.0)
+    budget = pretrain.Budget(1.0, (0.25, 0.6, 0.15), start=time.time())
     first = budget.deadline("vae") - time.time()
     assert 0.25 * (60 - budget.reserve_s) - 1 < first <= 0.25 * (60 - budget.reserve_s)
-    assert pretrain_tiny.Budget(None, (1, 1, 1), start=0).deadline("unet") is None
+    assert pretrain.Budget(None, (1, 1, 1), start=0).deadline("unet") is None
 
 
 def test_scenes_are_the_same_in_parallel():
     from pxpo_ext.scenes import SceneGenerator
 
-    pretrain_tiny = _pretrain_module()
-    images, captions = pretrain_tiny.make_scenes(2000, seed=3, workers=2)
+    images, captions = pretrain.make_scenes(2000, seed=3, workers=2)
     reference = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=3)
     for i in (0, 777, 1999):
         scene = reference.sample(i)
@@ -154,10 +135,9 @@ def test_scenes_are_the_same_in_parallel():
 def test_init_from_continues_a_saved_pipeline(tmp_path):
     from safetensors.torch import load_file
 
-    pretrain_tiny = _pretrain_module()
     base, cont = tmp_path / "base", tmp_path / "cont"
-    pretrain_tiny.main(["--quick", "--out", str(base), "--threads", "1", "--device", "cpu"])
-    pretrain_tiny.main(["--quick", "--init-from", str(base), "--out", str(cont), "--threads", "1", "--device", "cpu",
+    pretrain.main(["--quick", "--out", str(base), "--threads", "1", "--device", "cpu"])
+    pretrain.main(["--quick", "--init-from", str(base), "--out", str(cont), "--threads", "1", "--device", "cpu",
                         "--unet-stop", "1", "--lr", "1e-4", "--max-minutes", "0.5", "--budget-shares", "0,0.8,0.2"])
     report = json.loads((cont / "training.json").read_text())
     previous = json.loads((base / "training.json").read_text())
@@ -174,6 +154,6 @@ def test_init_from_continues_a_saved_pipeline(tmp_path):
     assert frozen and all(torch.equal(vae_before[k], vae_after[k]) for k in frozen)
     embedded.load_pipeline(path=cont)
     with pytest.raises(SystemExit):  # a --quick folder does not fit the full-size models
-        pretrain_tiny.main(["--init-from", str(base), "--out", str(tmp_path / "bad"), "--scenes", "64",
+        pretrain.main(["--init-from", str(base), "--out", str(tmp_path / "bad"), "--scenes", "64",
                             "--threads", "1", "--device", "cpu"])
     assert not (tmp_path / "bad").exists()
