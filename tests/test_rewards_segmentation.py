@@ -225,3 +225,16 @@ def test_save_and_load_round_trip(tmp_path):
     x = torch.rand(1, 3, 16, 16)
     torch.testing.assert_close(loaded(x), model(x))
     assert segmenter_metrics(tmp_path / "s.safetensors") == {"clean": {"circle": 0.5}}
+
+
+def test_a_short_training_run_writes_weights_with_their_held_out_metrics(tmp_path, capsys):
+    from pxpo_ext.rewards.segmenter import segmenter_metrics
+    from pxpo_ext.rewards.segmenter.training import main
+
+    out = tmp_path / "seg.safetensors"
+    metrics = main(["--steps", "2", "--train-scenes", "16", "--eval-scenes", "8", "--width", "8", "--out", str(out)])
+    assert segmenter_metrics(out)["train_steps"] == 2 and metrics["held_out_scenes"] == 8
+    for split in ("clean", "degraded", "distorted"):
+        assert set(metrics[split]) >= set(CLASSES[1:]) and all(0 <= v <= 1 for v in metrics[split].values())
+    load_segmenter(out)
+    assert f"wrote {out}" in capsys.readouterr().out
