@@ -348,3 +348,14 @@ def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_model,
 
 def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_script_only_calls_the_package():
+    # Library code lives in pxpo_ext/; a script in python/ imports one entry point and calls it.
+    import ast
+
+    for script in sorted((Path(__file__).resolve().parents[1] / "python").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        kinds = [type(node).__name__ for node in tree.body]
+        assert set(kinds) <= {"Expr", "Try", "ImportFrom", "If"}, f"{script.name} defines code: {kinds}"
+        assert any("pxpo_ext" in ast.unparse(node) for node in tree.body if not isinstance(node, ast.Expr)), script.name

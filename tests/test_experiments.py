@@ -213,6 +213,7 @@ def run_quick(name, tiny_model, tmp_path, *extra):
                                      "--runs-dir", str(tmp_path / "runs"), "--threads", "1", *extra])
     provenance = json.loads(next(out.glob("*_provenance.json")).read_text())
     assert provenance["wall_seconds"] > 0 and "--quick" in provenance["command"] and provenance["machine"]
+    assert provenance["command"].startswith(f"python python/{name}.py ")  # the program a reader would run
     return record, out
 
 

@@ -23,7 +23,12 @@ def machine_description() -> str:
     return f"{cores}-core CPU ({platform.machine()}), {gpu}, torch {torch.__version__}"
 
 
-def command_line(script: str, argv: list[str] | None = None) -> str:
+def script_path(name: str) -> Path:
+    """The command-line program ``python/<name>.py``, which a record names as the command that made it."""
+    return REPO / "python" / f"{name}.py"
+
+
+def command_line(script: str | Path, argv: list[str] | None = None) -> str:
     """``python <script relative to the repository> <arguments>``; ``argv=None`` takes this process's arguments."""
     path = Path(script).resolve()
     try:
@@ -55,7 +60,7 @@ def model_fingerprint(model: str | None) -> str:
 class Provenance:
     """Collects a result's command, seeds, machine and wall time; ``write`` saves them as JSON."""
 
-    def __init__(self, experiment: str, script: str, argv: list[str] | None = None):
+    def __init__(self, experiment: str, script: str | Path, argv: list[str] | None = None):
         self.experiment = experiment
         self.started = time.time()
         self.record = {"experiment": experiment, "command": command_line(script, argv), "machine": machine_description(),
