@@ -8,13 +8,7 @@ Usage (after ``pip install -e .`` in the repository root)::
 
 What it measures and how: :mod:`pxpo_ext.experiments.programs.colour` and docs/experiments.md.
 """
-try:
-    from pxpo_ext.experiments.programs.colour import main
-except ModuleNotFoundError as err:
-    if err.name != "pxpo_ext":
-        raise
-    raise SystemExit("pxpo is not installed in this Python: run `pip install -e .` in the repository root "
-                     "(see the README), then run this script again") from None
+from pxpo_ext.experiments.programs.colour import main
 
 if __name__ == "__main__":
     main()

@@ -11,13 +11,7 @@ Usage (after ``pip install -e .`` in the repository root)::
 The stages and their options are documented in :mod:`pxpo_ext.embedded.pretrain` and
 docs/embedded_model.md.
 """
-try:
-    from pxpo_ext.embedded.pretrain import main
-except ModuleNotFoundError as err:
-    if err.name != "pxpo_ext":
-        raise
-    raise SystemExit("pxpo is not installed in this Python: run `pip install -e .` in the repository root "
-                     "(see the README), then run this script again") from None
+from pxpo_ext.embedded.pretrain import main
 
 if __name__ == "__main__":
     main()

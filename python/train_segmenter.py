@@ -10,13 +10,7 @@ Usage (after ``pip install -e .`` in the repository root)::
 The data, augmentations and held-out metrics are described in :mod:`pxpo_ext.rewards.segmenter.training`
 and docs/rewards.md.
 """
-try:
-    from pxpo_ext.rewards.segmenter.training import main
-except ModuleNotFoundError as err:
-    if err.name != "pxpo_ext":
-        raise
-    raise SystemExit("pxpo is not installed in this Python: run `pip install -e .` in the repository root "
-                     "(see the README), then run this script again") from None
+from pxpo_ext.rewards.segmenter.training import main
 
 if __name__ == "__main__":
     main()

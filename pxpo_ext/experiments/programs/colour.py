@@ -13,12 +13,8 @@ chose for it, for the same measures. Writes, under --out:
     colour_curve.csv          the training reward per epoch
     colour_provenance.json    command, machine, seeds, wall time
 
-Usage::
-
-    python python/experiment_colour.py                # about 15 min on a 2-core CPU
-    python python/experiment_colour.py --quick        # seconds, tiny settings (smoke test)
-
-This module is the program; ``python/experiment_colour.py`` calls :func:`main`.
+This module is the program; ``python/experiment_colour.py`` calls :func:`main` (its docstring
+has example commands).
 """
 from __future__ import annotations
 

@@ -19,16 +19,8 @@ rest is unmarked, the judge finds the same objects outside the region as before;
                                the objects found outside, reward
     person_provenance.json     command, machine, prompt, seed, rounds, wall time
 
-Usage::
-
-    python python/experiment_person.py                 # a few minutes on a 2-core CPU
-    python python/experiment_person.py --prompt "a blue square on a yellow background" --seed 3
-    python python/experiment_person.py --prompt "a red triangle and a blue triangle on a yellow background" \
-        --seed 3 --region extra --colour background    # remove what the prompt did not ask for
-    python python/experiment_person.py ... --colour keep   # the same run's control: keep it as it is
-    python python/experiment_person.py --quick         # seconds, tiny settings (smoke test)
-
-This module is the program; ``python/experiment_person.py`` calls :func:`main`.
+This module is the program; ``python/experiment_person.py`` calls :func:`main` (its docstring
+has example commands).
 """
 from __future__ import annotations
 

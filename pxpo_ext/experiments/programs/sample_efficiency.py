@@ -16,12 +16,8 @@ with the same seed draw the same initial noise in their first epoch. Writes, und
                                      run, held out) with a 95% bootstrap interval over seeds
     sample_efficiency_provenance.json command, machine, seeds, wall time, the headline numbers
 
-Usage::
-
-    python python/experiment_sample_efficiency.py                 # the full experiment (about 10 min on an idle 2-core CPU)
-    python python/experiment_sample_efficiency.py --quick         # seconds, tiny settings (smoke test)
-
-This module is the program; ``python/experiment_sample_efficiency.py`` calls :func:`main`.
+This module is the program; ``python/experiment_sample_efficiency.py`` calls :func:`main` (its docstring
+has example commands).
 """
 from __future__ import annotations
 

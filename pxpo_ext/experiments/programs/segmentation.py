@@ -15,12 +15,8 @@ whether the background still matches the caption, and diversity. Writes, under -
     segmentation_curve.csv         the training reward per epoch
     segmentation_provenance.json   command, machine, seeds, wall time
 
-Usage::
-
-    python python/experiment_segmentation.py            # about 4 min on a 2-core CPU
-    python python/experiment_segmentation.py --quick    # seconds, tiny settings (smoke test)
-
-This module is the program; ``python/experiment_segmentation.py`` calls :func:`main`.
+This module is the program; ``python/experiment_segmentation.py`` calls :func:`main` (its docstring
+has example commands).
 """
 from __future__ import annotations
 
