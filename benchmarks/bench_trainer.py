@@ -98,10 +98,11 @@ def sync(device: str) -> None:
 
 
 class Recorder:
-    """Long-format CSV rows with the machine and versions; prints each row as it comes."""
+    """Long-format CSV rows with the machine and versions; prints each row as it comes, with the seconds since
+    the recorder was made."""
 
     def __init__(self, path: str, device: str):
-        self.path, self.device = path, device
+        self.path, self.device, self.start = path, device, time.perf_counter()
         self.machine = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"
 
     def __call__(self, bench: str, metric: str, value: float, unit: str, **setting) -> None:
@@ -110,7 +111,9 @@ class Recorder:
                    precision=setting.get("precision", ""), batch=setting.get("batch", ""),
                    resolution=setting.get("resolution", ""), steps=setting.get("steps", ""),
                    variant=setting.get("variant", ""), metric=metric, value=float(f"{value:.6g}"), unit=unit)
-        print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("date", "device", "torch", "diffusers")),
+        # The time since the start, so that a run cut short still shows how long each stage took.
+        print(f"[{time.perf_counter() - self.start:.0f}s]", *(f"{k}={v}" for k, v in row.items()
+                                                           if k not in ("date", "device", "torch", "diffusers")),
               flush=True)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         new = not os.path.exists(self.path)
