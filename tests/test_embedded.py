@@ -96,6 +96,16 @@ def test_quick_training_writes_a_loadable_pipeline(tmp_path):
     assert result["steps"] == 2 and result["sample_8x20_s"] > 0
 
 
+def test_training_can_judge_its_samples_at_every_save(tmp_path):
+    pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--device", "cpu", "--save-every", "1",
+                   "--judge-every-save", "2"])
+    curve = json.loads((tmp_path / "training.json").read_text())["judged"]
+    assert [point["unet_step"] for point in curve] == [1, 2, 3]  # two saves inside the stage, one after it
+    assert all(point["n"] == 2 and 0 <= point["objects"] <= 1 and point["seconds"] > 0 for point in curve)
+    with pytest.raises(SystemExit):  # nothing would be saved, so nothing judged
+        pretrain.main(["--quick", "--out", str(tmp_path / "x"), "--judge-every-save", "2"])
+
+
 def test_budgeted_quick_training_records_its_stages(tmp_path):
     pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
                         "--offset-noise", "0.2", "--device", "cpu"])

@@ -475,13 +475,27 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str, columns: int
 
 
 @torch.no_grad()
+def judge_samples(pipe, n: int, guidance: float, steps: int, seed: int, progress: bool = False):
+    """``(captions, images, fidelity)``: ``n`` scene captions (of generator ``seed``) sampled by ``pipe``
+    (batches of 50, each from a CPU generator seeded by its first index) and judged against their captions."""
+    from pxpo_ext.judge import fidelity, judge_batch
+    from pxpo_ext.scenes import prompts
+
+    captions = prompts(n, seed=seed)
+    images = []
+    for i in tqdm(range(0, n, 50), desc="sampling", disable=not progress):
+        images.append(pipe(captions[i:i + 50], num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                           generator=torch.Generator().manual_seed(seed + i)).images.float().cpu())
+    images = torch.cat(images)
+    return captions, images, fidelity(judge_batch(images, captions))
+
+
 def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: str | None, threads: int,
              device: str = "cpu") -> dict:
     """Prompt fidelity by the ground-truth judge over ``n`` scene captions; the VAE's ceiling (the same
     judge on ``n`` generator scenes encoded and decoded: sampling cannot beat what the decoder can draw);
     and the sampling time (it only means the CPU target on the CPU; generators stay on the CPU either way)."""
     from pxpo_ext.judge import fidelity, judge_batch
-    from pxpo_ext.scenes import prompts
 
     torch.set_num_threads(threads)
     pipe = embedded.load_pipeline(path=folder).to(device)
@@ -490,14 +504,8 @@ def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: 
     originals = torch.stack([scene.image for scene in scenes]).to(device)
     decoded = pipe.vae.decode(pipe.vae.encode(originals * 2 - 1).latent_dist.mean).sample
     vae_ceiling = fidelity(judge_batch((decoded / 2 + 0.5).clamp(0, 1).float().cpu(), [sc.caption for sc in scenes]))
-    captions = prompts(n, seed=seed)
-    images = []
-    for i in tqdm(range(0, n, 50), desc="sampling"):
-        batch = captions[i:i + 50]
-        images.append(pipe(batch, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                           generator=torch.Generator().manual_seed(seed + i)).images.float().cpu())
-    images = torch.cat(images)
-    result = {"fidelity": fidelity(judge_batch(images, captions)), "vae_reconstruction_fidelity": vae_ceiling,
+    captions, images, judged = judge_samples(pipe, n, guidance, steps, seed, progress=True)
+    result = {"fidelity": judged, "vae_reconstruction_fidelity": vae_ceiling,
               "guidance": guidance, "steps": steps, "seed": seed}
     if grid:
         save_grid(images[:16], captions[:16], grid)
@@ -569,6 +577,10 @@ def main(argv=None) -> None:
                              "'steps' keeps the schedule of the full step count (as --unet-stop does)")
     parser.add_argument("--bf16", action="store_true", help="on CUDA, bfloat16 autocast (weights, EMA and loss in float32)")
     parser.add_argument("--save-every", type=int, default=0, help="also save the pipeline every N UNet steps")
+    parser.add_argument("--judge-every-save", type=int, default=0, metavar="N",
+                        help="with --save-every: also sample N captions (seed + 1000, 20 steps, guidance 5) on the "
+                             "training device at every save and judge them, recording the learning curve in "
+                             "training.json ('judged'); the time counts against the UNet stage's budget")
     parser.add_argument("--evaluate", action="store_true", help="evaluate the pipeline at --out instead of training")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--guidance", type=float, default=embedded.GUIDANCE_SCALE)
@@ -591,6 +603,9 @@ def main(argv=None) -> None:
         parser.error("--max-minutes must be positive")
     if not 0 <= args.offset_noise < 1:
         parser.error("--offset-noise must be in [0, 1)")
+    if args.judge_every_save < 0 or (args.judge_every_save and not (args.save_every or args.max_minutes)):
+        parser.error("--judge-every-save N judges at each save: give --save-every (or --max-minutes, which saves "
+                     "after the UNet stage) and N >= 0")
     if args.quick:
         args.scenes, args.vae_steps, args.unet_steps, args.decoder_steps = 64, 3, 3, 3
         args.vae_batch, args.unet_batch, args.decoder_batch = 4, 8, 4
@@ -675,9 +690,20 @@ def main(argv=None) -> None:
         previous = previous_record(args.init_from)
         settings.update(init_from=str(args.init_from), previous=previous)
 
+    judged = []  # the learning curve, with --judge-every-save
+
     def save(step):  # safetensors copies CUDA tensors to the CPU itself
         pipe.save_pretrained(args.out, safe_serialization=True)
-        (Path(args.out) / "training.json").write_text(json.dumps({"unet_step": step, "stages": stages, **settings}) + "\n")
+        if args.judge_every_save:
+            modes = unet.training, text_encoder.training
+            unet.eval(), text_encoder.eval()
+            rates = judge_samples(pipe, args.judge_every_save, embedded.GUIDANCE_SCALE, embedded.NUM_INFERENCE_STEPS,
+                                  args.seed + 1000)[2]
+            unet.train(modes[0]), text_encoder.train(modes[1])
+            judged.append({"unet_step": step, "seconds": round(time.time() - start, 1), **rates})
+            print(f"step {step}: judged {args.judge_every_save} samples: {rates}", flush=True)
+        (Path(args.out) / "training.json").write_text(json.dumps({"unet_step": step, "stages": stages, "judged": judged,
+                                                                  **settings}) + "\n")
 
     t0 = time.time()
 
@@ -717,7 +743,7 @@ def main(argv=None) -> None:
               "safetensors_mb": size / 1e6, "threads": args.threads,
               "batches": {"vae": args.vae_batch, "vae_crop": args.vae_crop, "unet": args.unet_batch,
                           "decoder": args.decoder_batch},
-              "lr": args.lr, "ema": args.ema, "stages": stages, **settings,
+              "lr": args.lr, "ema": args.ema, "stages": stages, "judged": judged, **settings,
               "total_s": time.time() - start, **{k: round(v, 1) for k, v in timings.items()}}
     if args.init_from:
         report["unet_steps_total"] = _unet_steps_total(report)  # along the chain of "previous" records
