@@ -1,4 +1,4 @@
-"""Shared settings and command-line options of the ``python/experiment_*.py`` scripts.
+"""Shared settings, command-line options and start of the experiments' programs (``programs/``).
 
 Every experiment trains with the same sampler and batch (16 images per epoch: 2 batches of 8,
 10 DDIM steps, eta 1, guidance 5) and otherwise the trainer's defaults, so results compare.
@@ -8,8 +8,11 @@ its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+
+from .provenance import Provenance, model_fingerprint, script_path
 
 TRAIN_CONFIG = {"sample_batch_size": 8, "sample_num_batches_per_epoch": 2, "train_batch_size": 8,
                 "sample_num_steps": 10}
@@ -34,3 +37,11 @@ def train_config(args, **overrides) -> dict:
 
 def set_threads(args) -> None:
     torch.set_num_threads(max(1, args.threads))
+
+
+def start(experiment: str, args, argv) -> tuple[Provenance, Path]:
+    """Sets the threads and opens the experiment's record (command, machine, model): ``(record, out folder)``."""
+    set_threads(args)
+    record = Provenance(experiment, script_path(f"experiment_{experiment}"), argv)
+    record.add(model=model_fingerprint(args.model))
+    return record, Path(args.out)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from pxpo_ext.experiments import figures, settings
 from pxpo_ext.experiments.evaluation import eval_set, mean_rewards, side_effects
-from pxpo_ext.experiments.provenance import Provenance, model_fingerprint, script_path
 from pxpo_ext.experiments.runs import RunSpec, train_run
 from pxpo_ext.rewards import get_reward
 from pxpo_ext.scenes import prompts as scene_prompts
@@ -53,10 +52,7 @@ def measure(images, prompts, seeds, reward_fn) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    settings.set_threads(args)
-    record = Provenance("colour", script_path("experiment_colour"), argv)
-    record.add(model=model_fingerprint(args.model))
-    out = Path(args.out)
+    record, out = settings.start("colour", args, argv)
     reward_fn = get_reward("colour")
     captions = scene_prompts(args.eval_prompts, seed=1234, max_objects=1, two_tone=False)
     prompts, seeds = eval_set(captions, args.eval_seeds)

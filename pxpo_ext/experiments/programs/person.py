@@ -30,7 +30,6 @@ from pathlib import Path
 
 from pxpo_ext import plots
 from pxpo_ext.experiments import figures, person, settings
-from pxpo_ext.experiments.provenance import Provenance, model_fingerprint, script_path
 from pxpo_ext.experiments.runs import CURVE_KEYS, RunSpec, make_trainer
 from pxpo_ext.trainer.prompts import CyclingPrompts
 
@@ -90,10 +89,7 @@ def rounds_figure(images, titles, region):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings.set_threads(args)
-    record = Provenance("person", script_path("experiment_person"), argv)
-    record.add(model=model_fingerprint(args.model))
-    out = Path(args.out)
+    record, out = settings.start("person", args, argv)
     config = settings.train_config(args, train_learning_rate=args.lr, train_kl_coef=args.kl_coef,
                                    sample_num_batches_per_epoch=1,
                                    per_prompt_stat_tracking=False, advantage_baseline="location")

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from pxpo_ext.experiments import curves, figures, settings
 from pxpo_ext.experiments.evaluation import eval_set
-from pxpo_ext.experiments.provenance import Provenance, model_fingerprint, script_path
 from pxpo_ext.experiments.runs import RunSpec, evaluate_rewards, make_trainer, run_all
 from pxpo_ext.scenes import prompts as scene_prompts
 from pxpo_ext.trainer.prompts import get_prompt_fn
@@ -59,10 +58,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings.set_threads(args)
-    record = Provenance("sample_efficiency", script_path("experiment_sample_efficiency"), argv)
-    record.add(model=model_fingerprint(args.model))
-    out, runs_dir = Path(args.out), Path(args.runs_dir)
+    record, out = settings.start("sample_efficiency", args, argv)
+    runs_dir = Path(args.runs_dir)
     config = settings.train_config(args, train_timestep_fraction=args.timestep_fraction,
                                    train_gradient_accumulation_steps=args.accumulation)
     samples_per_epoch = config["sample_batch_size"] * config["sample_num_batches_per_epoch"]

@@ -32,7 +32,6 @@ from pxpo_ext.experiments.evaluation import (
     mean_rewards,
     side_effects,
 )
-from pxpo_ext.experiments.provenance import Provenance, model_fingerprint, script_path
 from pxpo_ext.experiments.runs import RunSpec, train_run
 from pxpo_ext.judge import detect_objects
 from pxpo_ext.rewards import get_reward
@@ -71,10 +70,7 @@ def measure(images, prompts, seeds, reward_fn) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    settings.set_threads(args)
-    record = Provenance("segmentation", script_path("experiment_segmentation"), argv)
-    record.add(model=model_fingerprint(args.model))
-    out = Path(args.out)
+    record, out = settings.start("segmentation", args, argv)
     reward_fn = get_reward("remove_circles")
     captions = [c for c in scene_prompts(max_objects=1) if "circle" in c]
     if args.quick:
