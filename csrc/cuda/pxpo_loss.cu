@@ -7,6 +7,8 @@
 //      one row of partial sums. Mean granularity (DDPO): one block per image, which
 //      reduces the image's log-prob and then writes its gradient.
 //   2. one block adds the partial rows in a fixed order into the loss and statistics.
+// One launch, with the last block to finish adding the rows (a per-stream arrival counter, a
+// fence and an atomic), was measured slower on an H100: 6.07 us against 5.86 us at B=16.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
