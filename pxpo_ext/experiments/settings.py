@@ -35,13 +35,9 @@ def train_config(args, **overrides) -> dict:
     return {**(QUICK_CONFIG if args.quick else TRAIN_CONFIG), **overrides}
 
 
-def set_threads(args) -> None:
-    torch.set_num_threads(max(1, args.threads))
-
-
 def start(experiment: str, args, argv) -> tuple[Provenance, Path]:
     """Sets the threads and opens the experiment's record (command, machine, model): ``(record, out folder)``."""
-    set_threads(args)
+    torch.set_num_threads(max(1, args.threads))
     record = Provenance(experiment, script_path(f"experiment_{experiment}"), argv)
     record.add(model=model_fingerprint(args.model))
     return record, Path(args.out)
