@@ -325,10 +325,10 @@ def bench_epochs(record: Recorder, trainer: PXPOTrainer, epochs: int, device: st
         sync(device)
         times.append(time.perf_counter() - t0)
         record(bench, "epoch_s", times[-1], "s", **setting)
+        if device == "cuda":  # the peak so far, after every epoch: a run cut short by a time limit keeps it
+            record(bench, "peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
     best = min(times[1:]) if len(times) > 1 else times[0]
     record(bench, "samples_per_s", trainer.samples_per_epoch / best, "samples/s", **setting)
-    if device == "cuda":
-        record(bench, "peak_memory", torch.cuda.max_memory_allocated() / 1e9, "GB", **setting)
 
 
 def bench_scaling(record: Recorder, trainer: PXPOTrainer, args) -> None:

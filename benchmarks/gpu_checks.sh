@@ -125,7 +125,7 @@ for name in $STAGES; do
     bench-variants) stage bench-variants 60 bash -c run_bench_variants ;;
     bench-microstep) stage bench-microstep 60 bash -c run_bench_microstep ;;
     bench-kl) stage bench-kl 60 bash -c run_bench_kl ;;
-    bench-compiled) stage bench-compiled 300 bash -c "run_compiled default" ;;
+    bench-compiled) stage bench-compiled 360 bash -c "run_compiled default" ;;
     bench-reduce-overhead) stage bench-reduce-overhead 300 bash -c "run_compiled reduce-overhead" ;;
     bench-compiled-blocks) stage bench-compiled-blocks 300 bash -c "run_compiled default --compile-scope blocks" ;;
     bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;
