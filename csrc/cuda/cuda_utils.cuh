@@ -56,9 +56,11 @@ __device__ __forceinline__ Pack<T, N> fill_pack(T value) {
 
 // Sums K values over the block in a fixed order (warp shuffles, then warp 0 over the
 // warps' sums), so the result is bit-identical from run to run. Every thread gets the
-// totals. `shared` holds kWarps * K values; blockDim.x must be kThreads.
-template <int K, typename T>
+// totals. `shared` holds THREADS / 32 * K values; blockDim.x must be THREADS.
+template <int K, int THREADS = kThreads, typename T>
 __device__ __forceinline__ void block_sum(T (&v)[K], T* shared) {
+  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a block of whole warps");
+  constexpr int warps = THREADS / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -74,7 +76,7 @@ __device__ __forceinline__ void block_sum(T (&v)[K], T* shared) {
   if (warp == 0) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      v[k] = lane < kWarps ? shared[lane * K + k] : T(0);
+      v[k] = lane < warps ? shared[lane * K + k] : T(0);
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) v[k] += __shfl_down_sync(0xffffffffu, v[k], offset);
     }
