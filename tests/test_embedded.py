@@ -167,3 +167,15 @@ def test_init_from_continues_a_saved_pipeline(tmp_path):
         pretrain.main(["--init-from", str(base), "--out", str(tmp_path / "bad"), "--scenes", "64",
                             "--threads", "1", "--device", "cpu"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_wide_unet_fits_the_package_and_is_told_apart_from_the_shipped_one(tmp_path):
+    tokenizer = pretrain.build_tokenizer(tmp_path / "tok")
+    text_encoder, vae, unet = pretrain.build_models(len(tokenizer), tokenizer, quick=False, unet_size="wide")
+    assert tuple(unet.config.block_out_channels) == pretrain.UNET_CHANNELS["wide"]
+    megabytes = sum(p.numel() * 4 for m in (text_encoder, vae, unet) for p in m.parameters()) / 1e6
+    assert megabytes <= 25, megabytes  # float32 safetensors, the limit for the whole pipeline
+    shipped = embedded.pipeline_path()
+    pretrain.load_models(shipped, tokenizer, quick=False, unet_size="small")  # the shipped model is the small one
+    with pytest.raises(ValueError, match=r"(?s)--unet-size wide.*unet\.block_out_channels"):
+        pretrain.load_models(shipped, tokenizer, quick=False, unet_size="wide")
