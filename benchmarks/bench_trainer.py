@@ -18,6 +18,7 @@ one micro-step (relative difference; the trainer refuses to train above 5%).
 
     python benchmarks/bench_trainer.py --out benchmarks/results/trainer_h100.csv
     python benchmarks/bench_trainer.py --tiny --out /tmp/trainer_cpu.csv       # a CPU smoke run, tiny models
+    python benchmarks/bench_trainer.py --embedded --device cpu ...             # the embedded model (what train.py trains)
     python benchmarks/bench_trainer.py --plot benchmarks/results/trainer_h100.csv --figure docs/figures/scaling.png
 """
 from __future__ import annotations
@@ -53,8 +54,12 @@ from pxpo_ext.trainer.sampling import sample
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_pipeline(tiny: bool, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """SD-1.5's architecture (or a tiny one) with random weights, initialised on ``device``."""
+def build_pipeline(model: str, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """``model`` "sd15": SD-1.5's architecture with random weights, initialised on ``device``; "tiny": a tiny
+    one likewise; "embedded": pxpo's shipped model (``python python/train.py``'s default), loaded."""
+    if model == "embedded":
+        return embedded.load_pipeline(device, dtype)
+    tiny = model == "tiny"
     torch.manual_seed(0)
     with torch.device(device):
         if tiny:
@@ -378,33 +383,41 @@ def plot(csv_path: str, figure: str) -> None:
     for r in rows:
         if r["metric"] == "epoch_s":
             steps[int(r["steps"])] = min(float(r["value"]), steps.get(int(r["steps"]), float("inf")))
-    fig, axes = plt.subplots(1, 4 if steps else 3, figsize=(17 if steps else 13, 3.6))
-    series = [("ms_per_microstep", "training micro-step"), ("ms_per_sampling_step", "sampling step")]
-    for metric, label in series:
+    memory = [(metric, label) for metric, label in (("microstep_peak_memory", "training micro-step"),
+                                                    ("sampling_peak_memory", "sampling"))
+              if any(r["metric"] == metric for r in rows)]  # GPU runs only
+    panels = 2 + bool(memory) + bool(steps)
+    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.6))
+    axes = iter(axes)
+    ax = next(axes)
+    for metric, label in (("ms_per_microstep", "training micro-step"), ("ms_per_sampling_step", "sampling step")):
         pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
                      if r["metric"] == metric and int(r["resolution"]) == base)
-        axes[0].plot(*zip(*pts), "o-", label=label)
-    axes[0].set(xlabel="batch", ylabel="ms", title=f"time vs batch ({base} px)", xscale="log", yscale="log")
-    axes[0].legend()
-    for metric, label in (("microstep_peak_memory", "training micro-step"), ("sampling_peak_memory", "sampling")):
-        pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
-                     if r["metric"] == metric and int(r["resolution"]) == base)
-        if pts:
-            axes[1].plot(*zip(*pts), "o-", label=label)
-    axes[1].set(xlabel="batch", ylabel="peak GB", title="peak GPU memory vs batch")
-    if axes[1].lines:
-        axes[1].legend()
+        ax.plot(*zip(*pts), "o-", label=label)
+    ax.set(xlabel="batch", ylabel="ms", title=f"time vs batch ({base} px)", xscale="log", yscale="log")
+    ax.legend()
+    if memory:
+        ax = next(axes)
+        for metric, label in memory:
+            pts = sorted((int(r["batch"]), float(r["value"])) for r in rows
+                         if r["metric"] == metric and int(r["resolution"]) == base)
+            ax.plot(*zip(*pts), "o-", label=label)
+        ax.set(xlabel="batch", ylabel="peak GB", title="peak GPU memory vs batch")
+        ax.legend()
+    ax = next(axes)
     sizes = sorted({int(r["resolution"]) for r in rows if r["metric"] == "ms_per_microstep"})
     batch = min(int(r["batch"]) for r in rows if r["metric"] == "ms_per_microstep" and int(r["resolution"]) != base) \
         if len(sizes) > 1 else None
     if batch is not None:
         pts = sorted((int(r["resolution"]), float(r["value"])) for r in rows
                      if r["metric"] == "ms_per_microstep" and int(r["batch"]) == batch)
-        axes[2].plot(*zip(*pts), "o-")
-        axes[2].set(xlabel="image side (px)", ylabel="ms", title=f"micro-step vs image size (batch {batch})")
+        ax.plot(*zip(*pts), "o-")
+        ax.set(xlabel="image side (px)", ylabel="ms", title=f"micro-step vs image size (batch {batch})")
     if steps:
-        axes[3].plot(*zip(*sorted(steps.items())), "o-")
-        axes[3].set(xlabel="denoising steps", ylabel="s", title="epoch time vs steps", xlim=(0, None), ylim=(0, None))
+        ax = next(axes)
+        ax.plot(*zip(*sorted(steps.items())), "o-")
+        ax.set(xlabel="denoising steps", ylabel="s", title="epoch time vs steps (best epoch)", xlim=(0, None),
+               ylim=(0, None))
     fig.suptitle(f"{rows[0]['device']}, torch {rows[0]['torch']}, {rows[0]['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(figure, dpi=110)
@@ -415,6 +428,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny models, 4 steps: a smoke run that fits a CPU")
+    p.add_argument("--embedded", action="store_true",
+                   help="the shipped embedded model at 64 px with the trainer's default 10 steps: what "
+                        "python/train.py trains, on a CPU")
     p.add_argument("--benches", nargs="+", default=["microstep", "epoch", "scaling"],
                    choices=["microstep", "variants", "kl", "epoch", "scaling"])
     p.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "no", choices=list(DTYPES),
@@ -436,14 +452,17 @@ def main(argv=None) -> None:
     if args.plot:
         plot(args.plot, args.figure)
         return
+    if args.tiny and args.embedded:
+        p.error("--tiny and --embedded pick different models; give one")
     if args.tiny:
         args.scaling_batches, args.scaling_sizes, args.scaling_steps, args.reps = [1, 2], [32], [2], 2
-    steps = 4 if args.tiny else 50
+    model = "tiny" if args.tiny else "embedded" if args.embedded else "sd15"
+    steps = {"tiny": 4, "embedded": PXPOConfig.sample_num_steps, "sd15": 50}[model]
     dtype = DTYPES[args.precision]
     record = Recorder(args.out, args.device)
     t0 = time.perf_counter()
-    pipe = build_pipeline(args.tiny, args.device, dtype)
-    print(f"built the {'tiny' if args.tiny else 'SD-1.5'} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
+    pipe = build_pipeline(model, args.device, dtype)
+    print(f"built the {model} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.tiny:
         args.train_batch = 2
     tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else {}
@@ -465,14 +484,14 @@ def main(argv=None) -> None:
     trainer.close()
     if "epoch" in args.benches and args.ddpo_epochs:
         del trainer
-        ddpo = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device, algorithm="ddpo", **options)
+        ddpo = make_trainer(build_pipeline(model, args.device, dtype), args.device, algorithm="ddpo", **options)
         bench_epochs(record, ddpo, args.ddpo_epochs, args.device, variant_name(args))
         ddpo.close()
     if "scaling" in args.benches:
         # Denoising steps: whole pxpo epochs (the first warms up), each step count on a fresh trainer (the
         # trainer's step tables are fixed at construction), so that the fixed per-epoch costs show too.
         for num_steps in args.scaling_steps:
-            trainer = make_trainer(build_pipeline(args.tiny, args.device, dtype), args.device,
+            trainer = make_trainer(build_pipeline(model, args.device, dtype), args.device,
                                    **{**options, "sample_num_steps": num_steps})
             bench_epochs(record, trainer, 2, args.device, variant_name(args), bench="scaling")
             trainer.close()

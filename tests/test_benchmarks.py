@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_trainer(tmp_path, *args) -> list[dict]:
+def _bench_trainer(tmp_path, *args, model="--tiny") -> list[dict]:
     out = tmp_path / "trainer.csv"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer.py"), "--tiny", "--device", "cpu",
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_trainer.py"), model, "--device", "cpu",
                     "--out", str(out), *args], check=True, cwd=tmp_path, capture_output=True, text=True)
     with open(out, newline="") as f:
         return list(csv.DictReader(f))
@@ -31,6 +31,14 @@ def test_trainer_benchmark_writes_its_rows(tmp_path):
     assert ("microstep", "pxpo", "pxpo_extra_cost") in metrics
     assert all(math.isfinite(float(r["value"])) for r in rows)
     assert not any(r["bench"] == "gradcheck" for r in rows)  # eager: nothing to check
+
+
+def test_trainer_benchmark_times_the_embedded_model(tmp_path):
+    rows = _bench_trainer(tmp_path, "--benches", "epoch", "--epochs", "1", "--ddpo-epochs", "0", "--train-batch", "8",
+                          model="--embedded")
+    epochs = [r for r in rows if r["bench"] == "epoch" and r["metric"] == "epoch_s"]
+    assert len(epochs) == 1 and epochs[0]["resolution"] == "64" and epochs[0]["steps"] == "10"
+    assert float(epochs[0]["value"]) > 0
 
 
 def test_kl_benchmark_times_the_micro_step_with_and_without_the_penalty(tmp_path):
