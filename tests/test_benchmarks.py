@@ -119,7 +119,10 @@ def test_ops_benchmark_writes_a_row_per_op_and_provider(tmp_path, native_cpu):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     providers = {(r["op"], r["provider"]) for r in rows}
-    assert ("pxpo_loss fwd+bwd", "pxpo (loss_and_grad, unweighted) [cpu]") in providers
+    assert ("pxpo_loss fwd+bwd unweighted", "pxpo (loss_and_grad) [cpu]") in providers
+    unweighted, weighted = ({r["bytes"] for r in rows if r["op"] == op} for op in ("pxpo_loss fwd+bwd unweighted",
+                                                                                  "pxpo_loss fwd+bwd"))
+    assert int(unweighted.pop()) == int(weighted.pop()) - 64 * 64 * 4  # no weight row read (B=1, 64 x 64 latents)
     assert ("reward_to_latent weighted", "pxpo [cpu]") in providers
     assert all(float(r["wall_us"]) > 0 and r["batch"] == "1" for r in rows)
     assert f"wrote {len(rows)} rows" in printed
