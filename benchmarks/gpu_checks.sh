@@ -17,7 +17,8 @@
 # benchmarks' sizes and options; COMPILED_BENCHES="epoch" makes the compiled stages time whole epochs only (a cold
 # compiled micro-step bench and then whole epochs did not fit in 294 s on an H100 beside TRL).
 # Results land in $OUT: session.log, ops.csv, trainer.csv, trl.json,
-# and tiny-gpu.tar when pretraining ran.
+# and, when pretraining ran, tiny-gpu.tar.part00, part01, ... (the pipeline folder as a tar cut into
+# 15 MB pieces, since a lent machine returns no file over 16 MB: `cat tiny-gpu.tar.part* | tar -x`).
 set -u
 OUT=${OUT:-/tmp/pxpo-gpu}
 DEADLINE_S=${DEADLINE_S:-580}
@@ -65,11 +66,16 @@ fi
 PRETRAIN_PID=
 if [[ -n "${PRETRAIN_ARGS:-}" ]]; then
   log "START pretrain (background): $PRETRAIN_ARGS"
+  PRETRAIN_DIR=$(mktemp -d)
   # shellcheck disable=SC2086
-  (python3 python/pretrain_tiny.py $PRETRAIN_ARGS --out /tmp/tiny-gpu >"$OUT/pretrain.log" 2>&1;
+  (python3 python/pretrain_tiny.py $PRETRAIN_ARGS --out "$PRETRAIN_DIR/tiny-gpu" >"$OUT/pretrain.log" 2>&1;
    echo "pretrain rc=$?" >>"$OUT/pretrain.log"
    # the log travels inside the tar when there is a model folder, else on its own
-   if [[ -d /tmp/tiny-gpu ]]; then mv "$OUT/pretrain.log" /tmp/tiny-gpu/ && tar -C /tmp -cf "$OUT/tiny-gpu.tar" tiny-gpu; fi) &
+   if [[ -d $PRETRAIN_DIR/tiny-gpu ]]; then
+     mv "$OUT/pretrain.log" "$PRETRAIN_DIR/tiny-gpu/" \
+       && tar -C "$PRETRAIN_DIR" -cf - tiny-gpu | split -b 15m -d - "$OUT/tiny-gpu.tar.part"
+   fi
+   rm -rf "$PRETRAIN_DIR") &
   PRETRAIN_PID=$!
 fi
 

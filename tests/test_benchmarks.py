@@ -68,8 +68,8 @@ def test_compiled_trainer_benchmark_records_its_gradient_check(tmp_path):
     assert rows[0]["bench"] == "gradcheck"  # before any compiled timing
 
 
-def _gpu_checks(tmp_path, stages: str, deadline: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OUT=str(tmp_path / "out"), STAGES=stages, DEADLINE_S=str(deadline))
+def _gpu_checks(tmp_path, stages: str, deadline: int, **extra_env) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), STAGES=stages, DEADLINE_S=str(deadline), **extra_env)
     env.pop("TRL_ANCHOR", None)
     # Run from an empty folder: the script installs any wheels it finds in ./.whl, which a test must not do.
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], cwd=tmp_path, env=env,
@@ -94,6 +94,24 @@ def test_gpu_script_keeps_later_stages_time_and_skips_what_does_not_fit(tmp_path
     assert done.returncode == 0
     assert "SKIP bench-scaling" in log
     assert "START trl-anchor" in log and "END trl-anchor rc=1" in log and "TRL_ANCHOR is not set" in log
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="the GPU script is a bash script")
+def test_gpu_script_returns_the_pretrained_pipeline_in_pieces_that_rebuild_it(tmp_path):
+    import tarfile
+
+    from pxpo_ext import embedded
+
+    (tmp_path / "python").symlink_to(ROOT / "python")  # the script runs python/pretrain_tiny.py from its folder
+    done = _gpu_checks(tmp_path, "", 60, PRETRAIN_ARGS="--quick --device cpu --threads 1 --workers 1")
+    pieces = sorted((tmp_path / "out").glob("tiny-gpu.tar.part*"))
+    assert done.returncode == 0 and pieces, done.stdout + done.stderr
+    joined = tmp_path / "tiny-gpu.tar"
+    joined.write_bytes(b"".join(piece.read_bytes() for piece in pieces))
+    with tarfile.open(joined) as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    assert "pretrain rc=0" in (tmp_path / "back" / "tiny-gpu" / "pretrain.log").read_text()
+    embedded.load_pipeline(path=tmp_path / "back" / "tiny-gpu")
 
 
 def _bench_cpu_kernels(tmp_path, only: str) -> str:
