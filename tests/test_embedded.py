@@ -108,9 +108,10 @@ def test_training_can_judge_its_samples_at_every_save(tmp_path):
 
 def test_budgeted_quick_training_records_its_stages(tmp_path):
     pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
-                        "--offset-noise", "0.2", "--device", "cpu"])
+                        "--offset-noise", "0.2", "--object-weight", "3", "--device", "cpu"])
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["device"] == "cpu" and report["offset_noise"] == 0.2 and report["max_minutes"] == 0.5
+    assert report["object_weight"] == 3
     for stage in ("vae", "unet", "decoder"):
         assert 1 <= report["stages"][stage]["steps_done"] <= report["stages"][stage]["steps_planned"]
     assert report["total_s"] < 30
@@ -135,11 +136,12 @@ def test_budget_clock_stops_at_its_deadline_and_anneals():
 def test_scenes_are_the_same_in_parallel():
     from pxpo_ext.scenes import SceneGenerator
 
-    images, captions = pretrain.make_scenes(2000, seed=3, workers=2)
+    images, captions, objects = pretrain.make_scenes(2000, seed=3, workers=2)
     reference = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=3)
     for i in (0, 777, 1999):
         scene = reference.sample(i)
         assert torch.equal(images[i], scene.image) and captions[i] == scene.caption
+        assert torch.equal(objects[i], scene.label_map() > 0)
 
 
 def test_init_from_continues_a_saved_pipeline(tmp_path):
@@ -179,3 +181,23 @@ def test_the_wide_unet_fits_the_package_and_is_told_apart_from_the_shipped_one(t
     pretrain.load_models(shipped, tokenizer, quick=False, unet_size="small")  # the shipped model is the small one
     with pytest.raises(ValueError, match=r"(?s)--unet-size wide.*unet\.block_out_channels"):
         pretrain.load_models(shipped, tokenizer, quick=False, unet_size="wide")
+
+
+def test_object_weights_reweight_the_unet_loss_and_uniform_ones_change_nothing(tmp_path):
+    tokenizer = pretrain.build_tokenizer(tmp_path / "tok")
+    ids = tokenizer(["a red circle on a blue background"] * 4, padding="max_length", max_length=embedded.TEXT_LENGTH,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=embedded.TEXT_LENGTH, return_tensors="pt").input_ids[0]
+    means, stds = torch.randn(4, 4, 16, 16), torch.full((4, 4, 16, 16), 0.1)
+
+    def one_step(pixel_weights):
+        torch.manual_seed(0)
+        text_encoder, _, unet = pretrain.build_models(len(tokenizer), tokenizer, quick=True)
+        return pretrain.train_unet(unet, text_encoder, ids, empty, means, stds, 1, 4, 1e-3,
+                                   torch.Generator().manual_seed(1), 0.9, pixel_weights=pixel_weights)
+
+    plain = one_step(None)
+    assert one_step(torch.full((4, 1, 16, 16), 2.5)) == pytest.approx(plain, rel=1e-5)
+    corner = torch.ones(4, 1, 16, 16)
+    corner[..., :4, :4] = 10.0
+    assert one_step(corner) != pytest.approx(plain, rel=1e-3)

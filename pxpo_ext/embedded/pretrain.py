@@ -209,19 +209,22 @@ def _unet_steps_total(record: dict | None) -> int | None:
 
 def _scene_chunk(job: tuple[int, int, int]):
     """Scenes ``start .. stop - 1`` of seed ``seed``: an (n, 3, H, W) uint8 array (exact: every
-    pixel is a palette colour, ``k / 255``) and the captions; small to send between processes."""
+    pixel is a palette colour, ``k / 255``), the captions and an (n, H, W) bool array of the pixels
+    covered by objects; small to send between processes."""
     import numpy as np
 
     seed, start, stop = job
     generator = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed)
     scenes = [generator.sample(i) for i in range(start, stop)]
     images = np.rint(np.stack([s.image.numpy() for s in scenes]) * 255).astype(np.uint8)
-    return images, [s.caption for s in scenes]
+    objects = np.stack([s.label_map().numpy() > 0 for s in scenes])
+    return images, [s.caption for s in scenes], objects
 
 
-def make_scenes(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list[str]]:
+def make_scenes(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """The first ``n`` scenes of ``SceneGenerator(seed=seed)`` as ((n, 3, H, W) float32 in [0, 1],
-    captions); the same whatever ``workers`` (processes forked when there are 2,000 scenes or more)."""
+    captions, (n, H, W) bool object pixels); the same whatever ``workers`` (processes forked when
+    there are 2,000 scenes or more)."""
     chunk = 500
     jobs = [(seed, a, min(a + chunk, n)) for a in range(0, n, chunk)]
     parts = None
@@ -235,7 +238,7 @@ def make_scenes(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list
     if parts is None:
         parts = [_scene_chunk(job) for job in jobs]
     images = torch.cat([torch.from_numpy(p[0]) for p in parts]).float() / 255
-    return images, [c for p in parts for c in p[1]]
+    return images, [c for p in parts for c in p[1]], torch.cat([torch.from_numpy(p[2]) for p in parts])
 
 
 class Budget:
@@ -402,8 +405,11 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> tuple[
 
 def train_unet(unet, text_encoder, input_ids, empty_ids, means, stds, steps, batch, lr, gen, ema_decay,
                checkpoint=None, every=0, stop=None, drop=0.1, offset_noise=0.0, clock=None, noise_gen=None,
-               bf16=False, warmup=None, ema_warmup=True):
+               bf16=False, warmup=None, ema_warmup=True, pixel_weights=None):
     """Denoising (epsilon) loss with Min-SNR-5 weights; leaves the EMA weights in both models.
+
+    ``pixel_weights``: an optional (n, 1, h, w) weight per latent pixel of each training latent; each
+    latent's squared error is then their weighted mean instead of the plain mean (``--object-weight``).
 
     ``offset_noise``: the noise gets a per-image, per-channel constant drawn from N(0, offset_noise^2)
     ("Diffusion with Offset Noise", Guttenberg 2023), so the model learns to move the mean of a
@@ -444,7 +450,13 @@ def train_unet(unet, text_encoder, input_ids, empty_ids, means, stds, steps, bat
             pred = unet(noisy, t, hidden).sample.float()
         snr = compute_snr(noise_scheduler, t)
         weight = snr.clamp(max=5.0) / snr
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        error = F.mse_loss(pred, noise, reduction="none")
+        if pixel_weights is None:
+            error = error.mean(dim=(1, 2, 3))
+        else:
+            pw = pixel_weights[idx]
+            error = (pw * error).mean(dim=(1, 2, 3)) / pw.mean(dim=(1, 2, 3))
+        loss = (weight * error).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -573,6 +585,9 @@ def main(argv=None) -> None:
     parser.add_argument("--offset-noise", type=float, default=0.1,
                         help="std of the per-image, per-channel constant added to the UNet's training noise "
                              "(0: plain noise, as the shipped weights were trained)")
+    parser.add_argument("--object-weight", type=float, default=0.0, metavar="W",
+                        help="weight object pixels 1 + W times the background in the UNet's loss (the scenes' own "
+                             "masks, averaged to the latent grid): objects are a small part of each image")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved UNet/text weights")
     parser.add_argument("--threads", type=int, default=2)
@@ -628,7 +643,7 @@ def main(argv=None) -> None:
     timings = {}
 
     # Scenes first: worker processes are forked before anything touches CUDA.
-    images, captions = make_scenes(args.scenes, args.seed, args.workers)
+    images, captions, object_pixels = make_scenes(args.scenes, args.seed, args.workers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes throughout
@@ -694,7 +709,7 @@ def main(argv=None) -> None:
                                    requires_safety_checker=False)
     command = " ".join(["python", "python/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
     settings = {"seed": args.seed, "command": command, "device": device_name, "unet_size": args.unet_size,
-                "offset_noise": args.offset_noise,
+                "offset_noise": args.offset_noise, "object_weight": args.object_weight,
                 "max_minutes": args.max_minutes, "budget_shares": list(args.budget_shares) if args.max_minutes else None,
                 "schedule_by": args.schedule_by if args.max_minutes else "steps", "bf16": args.bf16,
                 "torch": torch.__version__}
@@ -727,10 +742,15 @@ def main(argv=None) -> None:
     warmup = args.unet_warmup
     if warmup is None and args.init_from:  # a short warm-up: the weights are trained, the optimiser state is new
         warmup = min(100, args.unet_steps // 10 + 1)
+    pixel_weights = None
+    if args.object_weight:  # 1 on background, 1 + w on object pixels, averaged down to the latent grid
+        covered = F.avg_pool2d(object_pixels[:, None].float(), embedded.IMAGE_SIZE // means.shape[-1])
+        pixel_weights = (1 + args.object_weight * covered).to(device)
+    del object_pixels
     unet_loss = train_unet(unet, text_encoder, token_ids(captions), token_ids([""])[0], means, stds,
                            args.unet_steps, args.unet_batch, args.lr, gen, args.ema, save, args.save_every,
                            args.unet_stop, offset_noise=args.offset_noise, clock=clock, noise_gen=noise_gen,
-                           bf16=args.bf16, warmup=warmup, ema_warmup=not args.init_from)
+                           bf16=args.bf16, warmup=warmup, ema_warmup=not args.init_from, pixel_weights=pixel_weights)
     stages["unet"] = clock.record()
     unet.eval()
     text_encoder.eval()
