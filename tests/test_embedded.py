@@ -201,3 +201,19 @@ def test_object_weights_reweight_the_unet_loss_and_uniform_ones_change_nothing(t
     corner = torch.ones(4, 1, 16, 16)
     corner[..., :4, :4] = 10.0
     assert one_step(corner) != pytest.approx(plain, rel=1e-3)
+
+
+def test_decoder_steps_0_leaves_the_decoder_as_it_was(tmp_path):
+    from safetensors.torch import load_file
+
+    base, cont = tmp_path / "base", tmp_path / "cont"
+    pretrain.main(["--quick", "--out", str(base), "--threads", "1", "--device", "cpu"])
+    pretrain.main(["--quick", "--init-from", str(base), "--out", str(cont), "--threads", "1", "--device", "cpu",
+                   "--decoder-steps", "0"])
+    report = json.loads((cont / "training.json").read_text())
+    assert set(report["stages"]) == {"unet"} and report["decoder_loss"] is None
+    name = "diffusion_pytorch_model.safetensors"
+    before, after = load_file(base / "vae" / name), load_file(cont / "vae" / name)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the whole VAE, decoder included
+    with pytest.raises(SystemExit):
+        pretrain.main(["--quick", "--out", str(tmp_path / "bad"), "--decoder-steps", "-1"])

@@ -572,7 +572,9 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-warmup", type=int,
                         help="learning-rate warm-up steps of the UNet stage (default min(300, steps/10 + 1); "
                              "with --init-from min(100, steps/10 + 1))")
-    parser.add_argument("--decoder-steps", type=int, default=500, help="decoder-only steps after the UNet")
+    parser.add_argument("--decoder-steps", type=int, default=500,
+                        help="decoder-only steps after the UNet; 0 keeps the decoder as it is (e.g. to study the UNet "
+                             "alone: one step takes the full --lr, which from 1e-3 up harms a trained decoder)")
     parser.add_argument("--decoder-batch", type=int, default=8)
     parser.add_argument("--finetune-decoder", action="store_true",
                         help="only run the decoder stage on the pipeline at --out (as the last stage of training does)")
@@ -623,8 +625,10 @@ def main(argv=None) -> None:
         parser.error("--init-from loads the VAE too: it does not combine with --vae-from or --finetune-decoder")
     if args.unet_warmup is not None and args.unet_warmup < 1:
         parser.error("--unet-warmup must be 1 or more")
-    if min(args.vae_steps, args.unet_steps, args.decoder_steps, args.unet_stop or 1) < 1:
-        parser.error("step counts must be 1 or more")
+    if min(args.vae_steps, args.unet_steps, args.unet_stop or 1) < 1 or args.decoder_steps < 0:
+        parser.error("step counts must be 1 or more (--decoder-steps: 0 or more)")
+    if args.finetune_decoder and args.decoder_steps < 1:
+        parser.error("--finetune-decoder needs --decoder-steps 1 or more")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error("--max-minutes must be positive")
     if not 0 <= args.offset_noise < 1:
@@ -633,7 +637,8 @@ def main(argv=None) -> None:
         parser.error("--judge-every-save N judges at each save: give --save-every (or --max-minutes, which saves "
                      "after the UNet stage) and N >= 0")
     if args.quick:
-        args.scenes, args.vae_steps, args.unet_steps, args.decoder_steps = 64, 3, 3, 3
+        args.scenes, args.vae_steps, args.unet_steps = 64, 3, 3
+        args.decoder_steps = min(args.decoder_steps, 3)  # 0 stays 0
         args.vae_batch, args.unet_batch, args.decoder_batch = 4, 8, 4
     if not 8 <= args.vae_crop <= embedded.IMAGE_SIZE or args.vae_crop % 4:
         parser.error(f"--vae-crop must be a multiple of 4 from 8 to {embedded.IMAGE_SIZE}")
@@ -759,11 +764,14 @@ def main(argv=None) -> None:
     timings["unet_s"] = time.time() - t0
 
     t0 = time.time()
-    clock = Clock(args.decoder_steps, budget.deadline("decoder"), by_time=by_time)
-    d_gen, d_noise = decoder_generators()
-    decoder_loss = finetune_decoder(vae, images, means / scale, stds / scale, args.decoder_steps,
-                                    args.decoder_batch, args.lr, d_gen, clock=clock, noise_gen=d_noise, bf16=args.bf16)
-    stages["decoder"] = clock.record()
+    decoder_loss = None
+    if args.decoder_steps:
+        clock = Clock(args.decoder_steps, budget.deadline("decoder"), by_time=by_time)
+        d_gen, d_noise = decoder_generators()
+        decoder_loss = finetune_decoder(vae, images, means / scale, stds / scale, args.decoder_steps,
+                                        args.decoder_batch, args.lr, d_gen, clock=clock, noise_gen=d_noise,
+                                        bf16=args.bf16)
+        stages["decoder"] = clock.record()
     timings["decoder_s"] = time.time() - t0
     t0 = time.time()
     pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
