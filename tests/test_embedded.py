@@ -215,5 +215,7 @@ def test_decoder_steps_0_leaves_the_decoder_as_it_was(tmp_path):
     name = "diffusion_pytorch_model.safetensors"
     before, after = load_file(base / "vae" / name), load_file(cont / "vae" / name)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the whole VAE, decoder included
-    with pytest.raises(SystemExit):
-        pretrain.main(["--quick", "--out", str(tmp_path / "bad"), "--decoder-steps", "-1"])
+    for bad in (["--decoder-steps", "-1"], ["--object-weight", "-2"]):
+        with pytest.raises(SystemExit):
+            pretrain.main(["--quick", "--out", str(tmp_path / "bad"), *bad])
+        assert not (tmp_path / "bad").exists()

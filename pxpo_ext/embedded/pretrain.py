@@ -633,6 +633,8 @@ def main(argv=None) -> None:
         parser.error("--max-minutes must be positive")
     if not 0 <= args.offset_noise < 1:
         parser.error("--offset-noise must be in [0, 1)")
+    if args.object_weight < 0:
+        parser.error("--object-weight must be 0 or more (object pixels weigh 1 + W)")
     if args.judge_every_save < 0 or (args.judge_every_save and not (args.save_every or args.max_minutes)):
         parser.error("--judge-every-save N judges at each save: give --save-every (or --max-minutes, which saves "
                      "after the UNet stage) and N >= 0")
