@@ -59,10 +59,9 @@ def build_pipeline(model: str, device: str, dtype: torch.dtype) -> StableDiffusi
     one likewise; "embedded": pxpo's shipped model (``python python/train.py``'s default), loaded."""
     if model == "embedded":
         return embedded.load_pipeline(device, dtype)
-    tiny = model == "tiny"
     torch.manual_seed(0)
     with torch.device(device):
-        if tiny:
+        if model == "tiny":
             unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
                                         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
                                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

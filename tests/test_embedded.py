@@ -136,7 +136,7 @@ def test_budget_clock_stops_at_its_deadline_and_anneals():
 def test_scenes_are_the_same_in_parallel():
     from pxpo_ext.scenes import SceneGenerator
 
-    images, captions, objects = pretrain.make_scenes(2000, seed=3, workers=2)
+    images, captions, objects = pretrain.make_scenes(2000, seed=3, workers=2, objects=True)
     reference = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=3)
     for i in (0, 777, 1999):
         scene = reference.sample(i)

@@ -207,26 +207,27 @@ def _unet_steps_total(record: dict | None) -> int | None:
     return total
 
 
-def _scene_chunk(job: tuple[int, int, int]):
+def _scene_chunk(job: tuple[int, int, int, bool]):
     """Scenes ``start .. stop - 1`` of seed ``seed``: an (n, 3, H, W) uint8 array (exact: every
-    pixel is a palette colour, ``k / 255``), the captions and an (n, H, W) bool array of the pixels
-    covered by objects; small to send between processes."""
+    pixel is a palette colour, ``k / 255``), the captions and, if ``objects``, an (n, H, W) bool
+    array of the pixels covered by objects (else None); small to send between processes."""
     import numpy as np
 
-    seed, start, stop = job
+    seed, start, stop, objects = job
     generator = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed)
     scenes = [generator.sample(i) for i in range(start, stop)]
     images = np.rint(np.stack([s.image.numpy() for s in scenes]) * 255).astype(np.uint8)
-    objects = np.stack([s.label_map().numpy() > 0 for s in scenes])
-    return images, [s.caption for s in scenes], objects
+    covered = np.stack([s.label_map().numpy() > 0 for s in scenes]) if objects else None
+    return images, [s.caption for s in scenes], covered
 
 
-def make_scenes(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def make_scenes(n: int, seed: int, workers: int = 1,
+                objects: bool = False) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
     """The first ``n`` scenes of ``SceneGenerator(seed=seed)`` as ((n, 3, H, W) float32 in [0, 1],
-    captions, (n, H, W) bool object pixels); the same whatever ``workers`` (processes forked when
-    there are 2,000 scenes or more)."""
+    captions, (n, H, W) bool object pixels if ``objects`` else None); the same whatever ``workers``
+    (processes forked when there are 2,000 scenes or more)."""
     chunk = 500
-    jobs = [(seed, a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    jobs = [(seed, a, min(a + chunk, n), objects) for a in range(0, n, chunk)]
     parts = None
     if workers > 1 and n >= 2000 and "fork" in multiprocessing.get_all_start_methods():
         try:
@@ -238,7 +239,8 @@ def make_scenes(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, list
     if parts is None:
         parts = [_scene_chunk(job) for job in jobs]
     images = torch.cat([torch.from_numpy(p[0]) for p in parts]).float() / 255
-    return images, [c for p in parts for c in p[1]], torch.cat([torch.from_numpy(p[2]) for p in parts])
+    covered = torch.cat([torch.from_numpy(p[2]) for p in parts]) if objects else None
+    return images, [c for p in parts for c in p[1]], covered
 
 
 class Budget:
@@ -650,7 +652,8 @@ def main(argv=None) -> None:
     timings = {}
 
     # Scenes first: worker processes are forked before anything touches CUDA.
-    images, captions, object_pixels = make_scenes(args.scenes, args.seed, args.workers)
+    images, captions, object_pixels = make_scenes(args.scenes, args.seed, args.workers,
+                                                  objects=args.object_weight > 0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes throughout
