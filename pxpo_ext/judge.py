@@ -9,7 +9,9 @@ mean features of the generator's own masks (the prototypes). Then, for a caption
 - the background matches when the most frequent colour of the image (of its top and bottom
   halves, for a two-tone background) is the named one;
 - a named object appears when a region of its colour, of a plausible size, is classified as
-  its shape.
+  its shape. When it does not, :attr:`Judgement.outcomes` says why (:data:`OUTCOMES`):
+  another shape, no region of a plausible size, or no pixel of its colour at all;
+  :func:`outcome_shares` counts them over many judgements.
 
 On the generator's own images the judge scores 100% (``tests/test_scenes.py`` checks it).
 """
@@ -30,11 +32,21 @@ _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32) / 255.0
 MAX_COLOUR_DISTANCE = 0.3
 
 
+# Why a named object was or was not found, from best to worst: a region of its colour and of a
+# plausible size has its shape / has another shape (or none: too thin) / regions of its colour
+# exist but none has a plausible size / no pixel has its colour.
+OUTCOMES = ("found", "wrong shape", "wrong size", "colour absent")
+
+
 @dataclass
 class Judgement:
     caption: str
     background_ok: bool
-    objects_ok: list[bool]  # one per object named in the caption, in caption order
+    outcomes: list[str]  # one of OUTCOMES per object named in the caption, in caption order
+
+    @property
+    def objects_ok(self) -> list[bool]:
+        return [outcome == "found" for outcome in self.outcomes]
 
     @property
     def all_ok(self) -> bool:
@@ -128,18 +140,27 @@ def _area_range(height: int, width: int) -> tuple[float, float]:
     return 0.5 * smallest, 1.5 * largest
 
 
+def _colour_regions(labels: np.ndarray, colour: str) -> tuple[bool, list[tuple[np.ndarray, str | None]]]:
+    """(whether any pixel has ``colour``, [(region, its shape or None) for its regions of plausible size])."""
+    low, high = _area_range(*labels.shape)
+    regions = connected_components(labels == _NAMES.index(colour))
+    return bool(regions), [(r, classify_shape(r)) for r in regions if low <= r.sum() <= high]
+
+
 def detect_objects(image) -> list[dict]:
     """Every plausible object in an image: dicts of ``colour``, ``shape`` and ``mask`` ((H, W) bool tensor)."""
     labels = segment_colours(image)
-    low, high = _area_range(*labels.shape)
-    found = []
-    for index, colour in enumerate(_NAMES):
-        for region in connected_components(labels == index):
-            if low <= region.sum() <= high:
-                shape = classify_shape(region)
-                if shape is not None:
-                    found.append({"colour": colour, "shape": shape, "mask": torch.from_numpy(region)})
-    return found
+    return [{"colour": colour, "shape": shape, "mask": torch.from_numpy(region)}
+            for colour in _NAMES for region, shape in _colour_regions(labels, colour)[1] if shape is not None]
+
+
+def _outcome(labels: np.ndarray, colour: str, shape: str) -> str:
+    present, regions = _colour_regions(labels, colour)
+    if not present:
+        return "colour absent"
+    if not regions:
+        return "wrong size"
+    return "found" if shape in {found for _, found in regions} else "wrong shape"
 
 
 def _mode(labels: np.ndarray) -> int:
@@ -157,8 +178,7 @@ def judge(image, caption: str) -> Judgement:
     else:
         middle = labels.shape[0] // 2
         background_ok = _mode(labels[:middle]) == background[0] and _mode(labels[middle:]) == background[1]
-    found = {(o["colour"], o["shape"]) for o in detect_objects(image)}
-    return Judgement(caption, background_ok, [tuple(obj) in found for obj in spec["objects"]])
+    return Judgement(caption, background_ok, [_outcome(labels, colour, shape) for colour, shape in spec["objects"]])
 
 
 def judge_batch(images, captions: list[str]) -> list[Judgement]:
@@ -176,3 +196,9 @@ def fidelity(judgements: list[Judgement]) -> dict[str, float]:
         "all": float(np.mean([j.all_ok for j in judgements])),
         "n": len(judgements),
     }
+
+
+def outcome_shares(judgements: list[Judgement]) -> dict[str, float]:
+    """The share of named objects (each counted) with each of :data:`OUTCOMES`; they sum to 1."""
+    outcomes = [outcome for j in judgements for outcome in j.outcomes]
+    return {name: outcomes.count(name) / max(1, len(outcomes)) for name in OUTCOMES}

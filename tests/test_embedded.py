@@ -91,8 +91,10 @@ def test_quick_training_writes_a_loadable_pipeline(tmp_path):
         out = quick(["a red circle on a blue background"], num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and torch.isfinite(out).all()
     result = pretrain.evaluate(str(tmp_path), n=2, guidance=5.0, steps=2, seed=0, grid=None, threads=1)
-    for judged in (result["fidelity"], result["vae_reconstruction_fidelity"]):
+    for judged in (result["fidelity"], result["vae_reconstruction_fidelity"], result["renoised_0.3_fidelity"]):
         assert judged["n"] == 2 and all(0.0 <= judged[k] <= 1.0 for k in ("background", "objects", "all"))
+        assert judged["objects_by_outcome"]["found"] == judged["objects"]
+        assert sum(judged["objects_by_outcome"].values()) == pytest.approx(1.0)
     assert result["steps"] == 2 and result["sample_8x20_s"] > 0
 
 

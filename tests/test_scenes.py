@@ -116,6 +116,20 @@ def test_judge_accepts_ground_truth_and_rejects_wrong_captions():
     assert wrong["all"] < 0.2
 
 
+def test_judge_says_why_a_named_object_was_missed():
+    image = _rgb("yellow")[:, None, None].expand(3, 64, 64).clone()
+    image[:, torch.from_numpy(shape_mask("circle", 20, 20, 10, 64, 64))] = _rgb("red")[:, None]
+    image[:, 50:52, 50:52] = _rgb("blue")[:, None, None]  # 4 pixels: far below any object's size
+    cases = {"a red circle on a yellow background": ["found"],
+             "a red square and a green star on a yellow background": ["wrong shape", "colour absent"],
+             "a blue circle on a yellow background": ["wrong size"]}
+    judgements = judge.judge_batch(torch.stack([image] * 3), list(cases))
+    assert [j.outcomes for j in judgements] == list(cases.values())
+    assert [j.objects_ok for j in judgements] == [[True], [False, False], [False]]
+    shares = judge.outcome_shares(judgements)
+    assert list(shares) == list(judge.OUTCOMES) and shares == {name: 0.25 for name in judge.OUTCOMES}
+
+
 def test_judge_detects_each_shape_and_ignores_noise():
     for scene in SceneGenerator(seed=2, max_objects=1, two_tone=False).generate(24):
         found = judge.detect_objects(scene.image)

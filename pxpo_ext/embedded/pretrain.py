@@ -41,6 +41,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -56,6 +57,9 @@ WORDS = ("a", "an", "and", "on", "background", *COLOURS, *SHAPES)
 # Stable Diffusion's noise schedule, so that samplers and trainers tuned for SD apply unchanged.
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "prediction_type": "epsilon", "clip_sample": False}
+# --evaluate also denoises generator scenes noised by this share of the 20-step schedule (6 steps from t=251, where
+# 67% of the variance is still signal): a UNet that keeps shapes there has only the layout left to learn.
+RENOISE_STRENGTH = 0.3
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -498,9 +502,9 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str, columns: int
 
 @torch.no_grad()
 def judge_samples(pipe, n: int, guidance: float, steps: int, seed: int, progress: bool = False):
-    """``(captions, images, fidelity)``: ``n`` scene captions (of generator ``seed``) sampled by ``pipe``
-    (batches of 50, each from a CPU generator seeded by its first index) and judged against their captions."""
-    from pxpo_ext.judge import fidelity, judge_batch
+    """``(captions, images, rates)``: ``n`` scene captions (of generator ``seed``) sampled by ``pipe``
+    (batches of 50, each from a CPU generator seeded by its first index) and judged against their captions
+    (:func:`judged_rates`)."""
     from pxpo_ext.scenes import prompts
 
     captions = prompts(n, seed=seed)
@@ -509,7 +513,32 @@ def judge_samples(pipe, n: int, guidance: float, steps: int, seed: int, progress
         images.append(pipe(captions[i:i + 50], num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                            generator=torch.Generator().manual_seed(seed + i)).images.float().cpu())
     images = torch.cat(images)
-    return captions, images, fidelity(judge_batch(images, captions))
+    return captions, images, judged_rates(images, captions)
+
+
+def judged_rates(images: torch.Tensor, captions: list[str]) -> dict:
+    """The judge's rates (:func:`pxpo_ext.judge.fidelity`) and, under ``objects_by_outcome``, the share
+    of named objects found, drawn as another shape, of no plausible size, or absent in their colour."""
+    from pxpo_ext.judge import fidelity, judge_batch, outcome_shares
+
+    judgements = judge_batch(images, captions)
+    return {**fidelity(judgements), "objects_by_outcome": outcome_shares(judgements)}
+
+
+@torch.no_grad()
+def renoised_rates(pipe, scenes: list, strength: float, guidance: float, steps: int, seed: int) -> dict:
+    """The judge on generator scenes noised by ``strength`` of the sampling schedule and denoised from
+    their own captions (diffusers' image-to-image pipeline): whether the UNet keeps shapes that it
+    did not have to place. The VAE's reconstructions bound it from above."""
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(disable=True)
+    images, captions = [], [scene.caption for scene in scenes]
+    for i in range(0, len(scenes), 50):
+        batch = torch.stack([scene.image for scene in scenes[i:i + 50]]).to(pipe.device)
+        images.append(img2img(captions[i:i + 50], image=batch, strength=strength, num_inference_steps=steps,
+                              guidance_scale=guidance, output_type="pt",
+                              generator=torch.Generator().manual_seed(seed + i)).images.float().cpu())
+    return judged_rates(torch.cat(images), captions)
 
 
 def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: str | None, threads: int,
@@ -517,17 +546,17 @@ def evaluate(folder: str, n: int, guidance: float, steps: int, seed: int, grid: 
     """Prompt fidelity by the ground-truth judge over ``n`` scene captions; the VAE's ceiling (the same
     judge on ``n`` generator scenes encoded and decoded: sampling cannot beat what the decoder can draw);
     and the sampling time (it only means the CPU target on the CPU; generators stay on the CPU either way)."""
-    from pxpo_ext.judge import fidelity, judge_batch
-
     torch.set_num_threads(threads)
     pipe = embedded.load_pipeline(path=folder).to(device)
     generator = SceneGenerator(image_size=embedded.IMAGE_SIZE, seed=seed)
     scenes = [generator.sample(i) for i in range(n)]
     originals = torch.stack([scene.image for scene in scenes]).to(device)
     decoded = pipe.vae.decode(pipe.vae.encode(originals * 2 - 1).latent_dist.mean).sample
-    vae_ceiling = fidelity(judge_batch((decoded / 2 + 0.5).clamp(0, 1).float().cpu(), [sc.caption for sc in scenes]))
+    vae_ceiling = judged_rates((decoded / 2 + 0.5).clamp(0, 1).float().cpu(), [sc.caption for sc in scenes])
     captions, images, judged = judge_samples(pipe, n, guidance, steps, seed, progress=True)
     result = {"fidelity": judged, "vae_reconstruction_fidelity": vae_ceiling,
+              f"renoised_{RENOISE_STRENGTH}_fidelity": renoised_rates(pipe, scenes, RENOISE_STRENGTH, guidance,
+                                                                      embedded.NUM_INFERENCE_STEPS, seed),
               "guidance": guidance, "steps": steps, "seed": seed}
     if grid:
         save_grid(images[:16], captions[:16], grid)
