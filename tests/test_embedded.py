@@ -110,10 +110,10 @@ def test_training_can_judge_its_samples_at_every_save(tmp_path):
 
 def test_budgeted_quick_training_records_its_stages(tmp_path):
     pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
-                        "--offset-noise", "0.2", "--object-weight", "3", "--device", "cpu"])
+                        "--offset-noise", "0.2", "--object-weight", "3", "--snr-gamma", "0", "--device", "cpu"])
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["device"] == "cpu" and report["offset_noise"] == 0.2 and report["max_minutes"] == 0.5
-    assert report["object_weight"] == 3
+    assert report["object_weight"] == 3 and report["snr_gamma"] == 0
     for stage in ("vae", "unet", "decoder"):
         assert 1 <= report["stages"][stage]["steps_done"] <= report["stages"][stage]["steps_planned"]
     assert report["total_s"] < 30
@@ -217,7 +217,7 @@ def test_decoder_steps_0_leaves_the_decoder_as_it_was(tmp_path):
     name = "diffusion_pytorch_model.safetensors"
     before, after = load_file(base / "vae" / name), load_file(cont / "vae" / name)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the whole VAE, decoder included
-    for bad in (["--decoder-steps", "-1"], ["--object-weight", "-2"]):
+    for bad in (["--decoder-steps", "-1"], ["--object-weight", "-2"], ["--snr-gamma", "-1"]):
         with pytest.raises(SystemExit):
             pretrain.main(["--quick", "--out", str(tmp_path / "bad"), *bad])
         assert not (tmp_path / "bad").exists()

@@ -411,8 +411,9 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> tuple[
 
 def train_unet(unet, text_encoder, input_ids, empty_ids, means, stds, steps, batch, lr, gen, ema_decay,
                checkpoint=None, every=0, stop=None, drop=0.1, offset_noise=0.0, clock=None, noise_gen=None,
-               bf16=False, warmup=None, ema_warmup=True, pixel_weights=None):
-    """Denoising (epsilon) loss with Min-SNR-5 weights; leaves the EMA weights in both models.
+               bf16=False, warmup=None, ema_warmup=True, pixel_weights=None, snr_gamma=5.0):
+    """Denoising (epsilon) loss with Min-SNR-``snr_gamma`` weights (0: none, the plain epsilon loss);
+    leaves the EMA weights in both models.
 
     ``pixel_weights``: an optional (n, 1, h, w) weight per latent pixel of each training latent; each
     latent's squared error is then their weighted mean instead of the plain mean (``--object-weight``).
@@ -454,8 +455,11 @@ def train_unet(unet, text_encoder, input_ids, empty_ids, means, stds, steps, bat
         with _autocast(device, bf16):
             hidden = text_encoder(ids).last_hidden_state
             pred = unet(noisy, t, hidden).sample.float()
-        snr = compute_snr(noise_scheduler, t)
-        weight = snr.clamp(max=5.0) / snr
+        if snr_gamma:  # min(SNR, gamma) / SNR: low-noise steps, where epsilon is hard to see, count less
+            snr = compute_snr(noise_scheduler, t)
+            weight = snr.clamp(max=snr_gamma) / snr
+        else:
+            weight = torch.ones_like(t, dtype=torch.float32)
         error = F.mse_loss(pred, noise, reduction="none")
         if pixel_weights is None:
             error = error.mean(dim=(1, 2, 3))
@@ -621,6 +625,9 @@ def main(argv=None) -> None:
     parser.add_argument("--object-weight", type=float, default=0.0, metavar="W",
                         help="weight object pixels 1 + W times the background in the UNet's loss (the scenes' own "
                              "masks, averaged to the latent grid): objects are a small part of each image")
+    parser.add_argument("--snr-gamma", type=float, default=5.0, metavar="G",
+                        help="Min-SNR-G weights of the UNet's epsilon loss, min(SNR, G) / SNR (0: none, the plain "
+                             "epsilon loss, which weighs the low-noise steps that draw fine detail more)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved UNet/text weights")
     parser.add_argument("--threads", type=int, default=2)
@@ -666,6 +673,8 @@ def main(argv=None) -> None:
         parser.error("--offset-noise must be in [0, 1)")
     if args.object_weight < 0:
         parser.error("--object-weight must be 0 or more (object pixels weigh 1 + W)")
+    if args.snr_gamma < 0:
+        parser.error("--snr-gamma must be 0 (no Min-SNR weights) or more")
     if args.judge_every_save < 0 or (args.judge_every_save and not (args.save_every or args.max_minutes)):
         parser.error("--judge-every-save N judges at each save: give --save-every (or --max-minutes, which saves "
                      "after the UNet stage) and N >= 0")
@@ -748,7 +757,7 @@ def main(argv=None) -> None:
                                    requires_safety_checker=False)
     command = " ".join(["python", "python/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
     settings = {"seed": args.seed, "command": command, "device": device_name, "unet_size": args.unet_size,
-                "offset_noise": args.offset_noise, "object_weight": args.object_weight,
+                "offset_noise": args.offset_noise, "object_weight": args.object_weight, "snr_gamma": args.snr_gamma,
                 "max_minutes": args.max_minutes, "budget_shares": list(args.budget_shares) if args.max_minutes else None,
                 "schedule_by": args.schedule_by if args.max_minutes else "steps", "bf16": args.bf16,
                 "torch": torch.__version__}
@@ -789,7 +798,8 @@ def main(argv=None) -> None:
     unet_loss = train_unet(unet, text_encoder, token_ids(captions), token_ids([""])[0], means, stds,
                            args.unet_steps, args.unet_batch, args.lr, gen, args.ema, save, args.save_every,
                            args.unet_stop, offset_noise=args.offset_noise, clock=clock, noise_gen=noise_gen,
-                           bf16=args.bf16, warmup=warmup, ema_warmup=not args.init_from, pixel_weights=pixel_weights)
+                           bf16=args.bf16, warmup=warmup, ema_warmup=not args.init_from, pixel_weights=pixel_weights,
+                           snr_gamma=args.snr_gamma)
     stages["unet"] = clock.record()
     unet.eval()
     text_encoder.eval()
