@@ -108,6 +108,21 @@ def test_training_can_judge_its_samples_at_every_save(tmp_path):
         pretrain.main(["--quick", "--out", str(tmp_path / "x"), "--judge-every-save", "2"])
 
 
+def test_vae_from_keeps_that_vae_and_records_where_it_came_from(tmp_path):
+    from safetensors.torch import load_file
+
+    base, new = tmp_path / "base", tmp_path / "new"
+    pretrain.main(["--quick", "--out", str(base), "--threads", "1", "--device", "cpu"])
+    pretrain.main(["--quick", "--out", str(new), "--threads", "1", "--device", "cpu", "--vae-from", str(base),
+                   "--decoder-steps", "0"])
+    name = "vae/diffusion_pytorch_model.safetensors"
+    before, after = load_file(base / name), load_file(new / name)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    report = json.loads((new / "training.json").read_text())
+    assert report["vae_from"] == str(base) and report["vae_loss"] is None
+    assert report["vae_previous"] == json.loads((base / "training.json").read_text())
+
+
 def test_budgeted_quick_training_records_its_stages(tmp_path):
     pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--max-minutes", "0.5",
                         "--offset-noise", "0.2", "--object-weight", "3", "--snr-gamma", "0", "--device", "cpu"])

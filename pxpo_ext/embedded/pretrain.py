@@ -761,6 +761,8 @@ def main(argv=None) -> None:
                 "max_minutes": args.max_minutes, "budget_shares": list(args.budget_shares) if args.max_minutes else None,
                 "schedule_by": args.schedule_by if args.max_minutes else "steps", "bf16": args.bf16,
                 "torch": torch.__version__}
+    if args.vae_from:  # the VAE's own training is in that folder's record
+        settings.update(vae_from=str(args.vae_from), vae_previous=previous_record(args.vae_from))
     if args.init_from:
         previous = previous_record(args.init_from)
         settings.update(init_from=str(args.init_from), previous=previous)
