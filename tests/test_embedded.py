@@ -46,7 +46,7 @@ def test_loads_offline_with_plain_diffusers(monkeypatch):
 
 @pytest.fixture(scope="module")
 def samples(pipe):
-    captions = prompts(8, seed=4321)
+    captions = prompts(32, seed=4321)
     with torch.no_grad():
         images = pipe(captions, num_inference_steps=embedded.NUM_INFERENCE_STEPS, guidance_scale=embedded.GUIDANCE_SCALE,
                       output_type="pt", generator=torch.Generator().manual_seed(0)).images
@@ -56,27 +56,27 @@ def samples(pipe):
 @needs_weights
 def test_samples_are_clean_flat_colour_images(samples):
     images, _ = samples
-    assert images.shape == (8, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and torch.isfinite(images).all()
+    assert images.shape == (32, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and torch.isfinite(images).all()
     on_palette = [float((segment_colours(image) >= 0).mean()) for image in images]
-    # measured: 7 of 8 samples have 74% or more of their pixels near a palette colour
-    assert sorted(on_palette)[1] >= 0.6, on_palette
+    # measured: each of the 32 samples has 96.6% or more of its pixels near a palette colour
+    assert min(on_palette) >= 0.8, on_palette
 
 
 @needs_weights
 def test_sample_backgrounds_follow_their_prompts(samples):
     images, captions = samples
     rates = fidelity(judge_batch(images, captions))
-    # The target is 90% (200 judged samples gave 88.5%); 8 samples get some margin.
-    assert rates["background"] >= 0.75, rates
+    # The target is 90% (200 judged samples gave 90.5%; these 32 gave 81.2%): a margin for 32 samples.
+    assert rates["background"] >= 0.7, rates
 
 
 @needs_weights
-@pytest.mark.xfail(reason="the shipped model draws the named shapes in their colour in 23.4% of 312 named objects "
-                          "(200 judged samples, docs/embedded_model.md); the issue's target is 80%", strict=False)
 def test_sample_objects_follow_their_prompts(samples):
     images, captions = samples
     rates = fidelity(judge_batch(images, captions))
-    assert rates["objects"] >= 0.6, rates  # the target is 80%; 8 samples get some margin
+    # The target is 80%; the shipped model measured 71.8% of 312 named objects (200 judged samples,
+    # docs/embedded_model.md; these 32 gave 66.7%), so this holds that level with a margin, not the target.
+    assert rates["objects"] >= 0.55, rates
 
 
 def test_missing_weights_name_the_training_command(tmp_path):
