@@ -67,8 +67,10 @@ PRETRAIN_PID=
 if [[ -n "${PRETRAIN_ARGS:-}" ]]; then
   log "START pretrain (background): $PRETRAIN_ARGS"
   PRETRAIN_DIR=$(mktemp -d)
+  # From the checkout: it starts before the build stage has installed pxpo (it needs no native code).
   # shellcheck disable=SC2086
-  (python3 python/pretrain_tiny.py $PRETRAIN_ARGS --out "$PRETRAIN_DIR/tiny-gpu" >"$OUT/pretrain.log" 2>&1;
+  (PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 python/pretrain_tiny.py $PRETRAIN_ARGS --out "$PRETRAIN_DIR/tiny-gpu" \
+     >"$OUT/pretrain.log" 2>&1;
    echo "pretrain rc=$?" >>"$OUT/pretrain.log"
    # the log travels inside the tar when there is a model folder, else on its own
    if [[ -d $PRETRAIN_DIR/tiny-gpu ]]; then
