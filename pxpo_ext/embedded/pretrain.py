@@ -1,9 +1,9 @@
 """Training of pxpo's embedded text-to-image model (``pxpo_ext/embedded/tiny-shapes``) from scratch,
 and its command line (``python/pretrain_tiny.py`` calls :func:`main`):
 
-    python python/pretrain_tiny.py --threads 1 --unet-stop 1000 --offset-noise 0   # the shipped weights (docs/embedded_model.md)
     python python/pretrain_tiny.py --quick --out /tmp/tiny         # a seconds-long smoke run
-    python python/pretrain_tiny.py --device cuda --max-minutes 3 ...   # a time-boxed run (docs/embedded_model.md)
+    python python/pretrain_tiny.py --device cuda --max-minutes 6 ...   # a time-boxed run (the shipped weights'
+                                                                     # commands: docs/embedded_model.md)
     python python/pretrain_tiny.py --init-from FOLDER --lr 3e-4 ...   # continue training a saved pipeline
     python python/pretrain_tiny.py --evaluate                      # judge samples, time sampling, draw a grid
 
@@ -113,14 +113,14 @@ def build_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-# The UNet's channels per resolution (16x16, 8x8, 4x4). "small" is the shipped model's. "wide" has
-# 3.9 times the parameters (22.0 MB in float32, so the pipeline stays under the 25 MB the package allows)
-# and sampled 8 images x 20 steps in 1.44 s against 0.79 s on the 2-core CPU (random weights, 2026-11-27);
-# on a GPU these models are launch-bound, so the wider one should train at about the same steps per second.
+# The UNet's channels per resolution (16x16, 8x8, 4x4). "wide" is the shipped model's: 5.5M parameters
+# (22.0 MB in float32, so the pipeline stays under the 25 MB the package allows). "small" has a quarter of
+# them and trains 2.5x faster per step on the 2-core CPU, but learned more slowly per CPU minute; on a GPU
+# both are launch-bound (docs/embedded_model.md).
 UNET_CHANNELS = {"small": (32, 48, 64), "wide": (64, 96, 128)}
 
 
-def build_models(vocab_size: int, tokenizer: CLIPTokenizer, quick: bool, unet_size: str = "small"):
+def build_models(vocab_size: int, tokenizer: CLIPTokenizer, quick: bool, unet_size: str = "wide"):
     width = 16 if quick else 64  # text width = cross-attention width
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
@@ -154,7 +154,7 @@ ARCHITECTURE_KEYS = {
 }
 
 
-def load_models(folder: str | Path, tokenizer: CLIPTokenizer, quick: bool, unet_size: str = "small"):
+def load_models(folder: str | Path, tokenizer: CLIPTokenizer, quick: bool, unet_size: str = "wide"):
     """The tokenizer, text encoder, VAE and UNet of the pipeline folder ``folder`` (for --init-from),
     checked against those this run would build (``build_models(..., quick, unet_size)`` and the generated
     ``tokenizer``); a ValueError names every difference."""
@@ -616,9 +616,9 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--unet-stop", type=int, help="end UNet training at this step (schedule still --unet-steps)")
     parser.add_argument("--unet-batch", type=int, default=32)
-    parser.add_argument("--unet-size", choices=tuple(UNET_CHANNELS), default="small",
-                        help="the UNet's width: small (the shipped model) or wide (3.9x the parameters; see "
-                             "docs/embedded_model.md); ignored with --quick")
+    parser.add_argument("--unet-size", choices=tuple(UNET_CHANNELS), default="wide",
+                        help="the UNet's width: wide (the shipped model's) or small (a quarter of the parameters, "
+                             "2.5x faster per step on a CPU; see docs/embedded_model.md); ignored with --quick")
     parser.add_argument("--offset-noise", type=float, default=0.1,
                         help="std of the per-image, per-channel constant added to the UNet's training noise "
                              "(0: plain noise, as the shipped weights were trained)")
