@@ -120,7 +120,28 @@ def test_vae_from_keeps_that_vae_and_records_where_it_came_from(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     report = json.loads((new / "training.json").read_text())
     assert report["vae_from"] == str(base) and report["vae_loss"] is None
+    assert report["vae_steps"] is None and report["batches"]["vae"] is None  # no VAE trained in this run
     assert report["vae_previous"] == json.loads((base / "training.json").read_text())
+
+
+def test_finetune_decoder_keeps_the_encoder_and_appends_its_record(tmp_path):
+    from safetensors.torch import load_file
+
+    pretrain.main(["--quick", "--out", str(tmp_path), "--threads", "1", "--device", "cpu"])
+    name = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    before, record_before = load_file(name), json.loads((tmp_path / "training.json").read_text())
+    for _ in range(2):
+        pretrain.main(["--quick", "--finetune-decoder", "--out", str(tmp_path), "--threads", "1", "--device", "cpu",
+                       "--decoder-steps", "2", "--lr", "1e-4"])
+    after, report = load_file(name), json.loads((tmp_path / "training.json").read_text())
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)  # the latent space is kept
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    runs = report.pop("decoder_finetunes")
+    assert report == record_before  # the folder's own record is kept as it was
+    assert len(runs) == 2 and all(r["decoder"]["steps_done"] == 2 and r["lr"] == 1e-4 for r in runs)
+    assert "--finetune-decoder" in runs[0]["command"] and runs[0]["device"] == "cpu"
+    embedded.load_pipeline(path=tmp_path)
 
 
 def test_budgeted_quick_training_records_its_stages(tmp_path):

@@ -612,7 +612,8 @@ def main(argv=None) -> None:
                              "alone: one step takes the full --lr, which from 1e-3 up harms a trained decoder)")
     parser.add_argument("--decoder-batch", type=int, default=8)
     parser.add_argument("--finetune-decoder", action="store_true",
-                        help="only run the decoder stage on the pipeline at --out (as the last stage of training does)")
+                        help="only run the decoder stage on the pipeline at --out (as the last stage of training does), "
+                             "appending its record to that folder's training.json under 'decoder_finetunes'")
     parser.add_argument("--unet-steps", type=int, default=1500)
     parser.add_argument("--unet-stop", type=int, help="end UNet training at this step (schedule still --unet-steps)")
     parser.add_argument("--unet-batch", type=int, default=32)
@@ -716,6 +717,7 @@ def main(argv=None) -> None:
     timings["data_s"] = time.time() - start
     budget = Budget(args.max_minutes, args.budget_shares, start)
     by_time = args.schedule_by == "time"
+    command = " ".join(["python", "python/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
 
     def decoder_generators():  # their own generators, so that --finetune-decoder on a saved pipeline gives the same weights
         cpu = torch.Generator().manual_seed(args.seed + 1)
@@ -728,8 +730,14 @@ def main(argv=None) -> None:
         decoder_loss = finetune_decoder(pipe.vae, images, *encode(pipe.vae, images), args.decoder_steps,
                                         args.decoder_batch, args.lr, d_gen, clock=clock, noise_gen=d_noise, bf16=args.bf16)
         pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
-        print(json.dumps({"decoder": clock.record(), "decoder_loss": decoder_loss, "device": device_name,
-                          "total_s": time.time() - start}))
+        # Appended to the folder's own record, which describes the rest of the pipeline.
+        record = {"command": command, "seed": args.seed, "scenes": args.scenes, "lr": args.lr,
+                  "batch": args.decoder_batch, "decoder": clock.record(), "decoder_loss": decoder_loss,
+                  "device": device_name, "torch": torch.__version__, "total_s": time.time() - start}
+        report = previous_record(args.out) or {}
+        report["decoder_finetunes"] = [*report.get("decoder_finetunes", []), record]
+        (Path(args.out) / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(record))
         return
 
     stages = {}
@@ -755,7 +763,6 @@ def main(argv=None) -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    command = " ".join(["python", "python/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)])
     settings = {"seed": args.seed, "command": command, "device": device_name, "unet_size": args.unet_size,
                 "offset_noise": args.offset_noise, "object_weight": args.object_weight, "snr_gamma": args.snr_gamma,
                 "max_minutes": args.max_minutes, "budget_shares": list(args.budget_shares) if args.max_minutes else None,
@@ -823,11 +830,13 @@ def main(argv=None) -> None:
     pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
     timings["save_s"] = time.time() - t0
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
-    report = {"scenes": args.scenes, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+    trained_vae = not (args.vae_from or args.init_from)  # else the VAE's record is under vae_previous / previous
+    report = {"scenes": args.scenes, "vae_steps": args.vae_steps if trained_vae else None, "unet_steps": args.unet_steps,
               "unet_stop": args.unet_stop, "vae_loss": vae_loss, "unet_loss": unet_loss,
               "decoder_steps": args.decoder_steps, "decoder_loss": decoder_loss, "scaling_factor": scale,
               "safetensors_mb": size / 1e6, "threads": args.threads,
-              "batches": {"vae": args.vae_batch, "vae_crop": args.vae_crop, "unet": args.unet_batch,
+              "batches": {"vae": args.vae_batch if trained_vae else None, "vae_crop": args.vae_crop if trained_vae else None,
+                          "unet": args.unet_batch,
                           "decoder": args.decoder_batch},
               "lr": args.lr, "ema": args.ema, "stages": stages, "judged": judged, **settings,
               "total_s": time.time() - start, **{k: round(v, 1) for k, v in timings.items()}}
