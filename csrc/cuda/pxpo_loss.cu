@@ -112,10 +112,33 @@ __global__ void __launch_bounds__(THREADS)
       }
     } else {
       // Up to kCachedChannels channels stay in registers between the two passes (fully unrolled
-      // loops with a guard keep the arrays out of local memory); more are read again.
+      // loops with a guard keep the arrays out of local memory); more are read again. Every load of
+      // the cached channels, the old log-probs and the advantages is issued before the first is used:
+      // at small batches each thread has one pixel pack, and the loop this replaces waited on memory
+      // once per two channels and once more for the log-probs (its SASS, sm_90).
+      const Pack<T, VEC> lo = load_pack<VEC>(logp_old, pixel_pack), ap = load_pack<VEC>(adv, pixel_pack);
+      Pack<scalar_t, VEC> xs[kCachedChannels], ms[kCachedChannels];
+#pragma unroll
+      for (int cc = 0; cc < kCachedChannels; ++cc) {
+        if (cc < channels) {
+          const int64_t pi = (b * channels + cc) * packs + v;
+          xs[cc] = load_pack<VEC>(x, pi);
+          ms[cc] = load_pack<VEC>(mean, pi);
+        }
+      }
       Pack<T, VEC> diff[kCachedChannels];
       Pack<T, VEC> acc = fill_pack<VEC>(T(0));
-      for (int64_t c = 0; c < channels; ++c) {
+#pragma unroll
+      for (int cc = 0; cc < kCachedChannels; ++cc) {
+        if (cc < channels) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            diff[cc].v[k] = static_cast<T>(xs[cc].v[k]) - static_cast<T>(ms[cc].v[k]);
+            acc.v[k] += diff[cc].v[k] * diff[cc].v[k];
+          }
+        }
+      }
+      for (int64_t c = kCachedChannels; c < channels; ++c) {
         const int64_t pi = (b * channels + c) * packs + v;
         const Pack<scalar_t, VEC> xp = load_pack<VEC>(x, pi), mp = load_pack<VEC>(mean, pi);
 #pragma unroll
@@ -123,15 +146,7 @@ __global__ void __launch_bounds__(THREADS)
           const T d = static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k]);
           acc.v[k] += d * d;
         }
-#pragma unroll
-        for (int cc = 0; cc < kCachedChannels; ++cc) {
-          if (cc == c) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) diff[cc].v[k] = static_cast<T>(xp.v[k]) - static_cast<T>(mp.v[k]);
-          }
-        }
       }
-      const Pack<T, VEC> lo = load_pack<VEC>(logp_old, pixel_pack), ap = load_pack<VEC>(adv, pixel_pack);
       const T norm = static_cast<T>(channels) * s.log_norm;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
