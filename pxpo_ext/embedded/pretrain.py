@@ -622,7 +622,7 @@ def main(argv=None) -> None:
                              "2.5x faster per step on a CPU; see docs/embedded_model.md); ignored with --quick")
     parser.add_argument("--offset-noise", type=float, default=0.1,
                         help="std of the per-image, per-channel constant added to the UNet's training noise "
-                             "(0: plain noise, as the shipped weights were trained)")
+                             "(0: plain noise; the shipped weights used 0.1)")
     parser.add_argument("--object-weight", type=float, default=0.0, metavar="W",
                         help="weight object pixels 1 + W times the background in the UNet's loss (the scenes' own "
                              "masks, averaged to the latent grid): objects are a small part of each image")
