@@ -830,7 +830,7 @@ def main(argv=None) -> None:
     pipe.to("cpu").save_pretrained(args.out, safe_serialization=True)
     timings["save_s"] = time.time() - t0
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*.safetensors"))
-    trained_vae = not (args.vae_from or args.init_from)  # else the VAE's record is under vae_previous / previous
+    trained_vae = "vae" in stages  # else the VAE's record is under vae_previous / previous
     report = {"scenes": args.scenes, "vae_steps": args.vae_steps if trained_vae else None, "unet_steps": args.unet_steps,
               "unet_stop": args.unet_stop, "vae_loss": vae_loss, "unet_loss": unet_loss,
               "decoder_steps": args.decoder_steps, "decoder_loss": decoder_loss, "scaling_factor": scale,
