@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from . import plots
+from .user_code import UserCodeError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_TRAIN_CONFIG = REPO_CONFIGS / "default.yaml"
@@ -364,7 +365,7 @@ def train_main(argv: Sequence[str] | None = None):
     Returns the trainer (handy from Python; the script ignores it)."""
     from accelerate import PartialState
 
-    from .rewards import available_rewards, get_reward
+    from .rewards import UnknownRewardError, get_reward
     from .trainer import PXPOConfig, PXPOTrainer, load_pipeline
     from .trainer.trainer import cpu_distributed
     from .trainer.prompts import get_prompt_fn
@@ -376,11 +377,10 @@ def train_main(argv: Sequence[str] | None = None):
     # Everything that can fail fast does so before the (slow) model load.
     if (problem := _missing_model_folder(config.model)) is not None:
         raise SystemExit(f"train.py: error: {problem}")
-    if config.reward not in available_rewards():
-        raise SystemExit(f"train.py: error: unknown reward {config.reward!r}; "
-                         f"available: {', '.join(available_rewards())}")
     try:
         reward_fn = get_reward(config.reward, **config.reward_kwargs)
+    except (UnknownRewardError, UserCodeError) as err:  # the message lists the names, or says what to write
+        raise SystemExit(f"train.py: error: {err.args[0]}") from None
     except (TypeError, ValueError) as err:
         raise SystemExit(f"train.py: error: reward {config.reward!r} rejected --reward-kwargs "
                          f"{json.dumps(config.reward_kwargs)}: {err}") from None
@@ -441,7 +441,8 @@ def build_sample_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels (default: the model's native size)")
     parser.add_argument("--reward", default=None,
-                        help="a registered reward: overlay its heatmap and print each image's mean reward")
+                        help="a registered reward, or your own as package.module:name or file.py:name: "
+                             "overlay its heatmap and print each image's mean reward")
     parser.add_argument("--reward-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
                         help="options for --reward, as key=value pairs or one JSON object")
     parser.add_argument("--batch-size", type=int, default=8, help="images rendered at once (default: 8)")
@@ -469,10 +470,8 @@ def _sample_reward(args, parser):
         if args.reward_kwargs:
             parser.error("--reward-kwargs needs --reward")
         return None
-    from .rewards import available_rewards, get_reward
+    from .rewards import UnknownRewardError, get_reward
 
-    if args.reward not in available_rewards():
-        parser.error(f"unknown reward {args.reward!r}; available: {', '.join(available_rewards())}")
     tokens = args.reward_kwargs
     try:
         if len(tokens) == 1 and tokens[0].lstrip().startswith("{"):
@@ -480,6 +479,8 @@ def _sample_reward(args, parser):
         else:
             options = _pairs_to_dict(tokens, "reward_kwargs")
         return get_reward(args.reward, **options)
+    except (UnknownRewardError, UserCodeError) as err:  # the message lists the names, or says what to write
+        parser.error(err.args[0])
     except (TypeError, ValueError) as err:  # ConfigError and the reward's own RewardError are ValueErrors
         parser.error(f"reward {args.reward!r}: {err}")
 

@@ -305,6 +305,8 @@ def test_sample_main_rejects_bad_arguments_before_loading_a_model(capsys, argv, 
         (["--reward-kwargs", "channel=purple"], "reward 'colour' rejected --reward-kwargs {\"channel\": \"purple\"}"),
         (["--prompts", "file:/nonexistent/prompts.txt"], "prompt file '/nonexistent/prompts.txt' does not exist"),
         (["--model", "/nonexistent/model"], "model folder '/nonexistent/model' does not exist"),
+        (["--reward", "/nonexistent/rewards.py:mine"], "reward '/nonexistent/rewards.py:mine': file "
+                                                       "'/nonexistent/rewards.py' does not exist"),
     ],
 )
 def test_train_main_fails_fast_on_setup_errors(tmp_path, argv, message):
@@ -318,14 +320,20 @@ def test_train_main_fails_fast_on_setup_errors(tmp_path, argv, message):
 def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_model, tmp_path, capsys):
     _trainer_available()
     run = tmp_path / "run"
+    # The user's own per-pixel reward, from a file named on the command line with its option.
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text("def less_red(scale=1.0):\n"
+                           "    return lambda images, prompts, metadata: -scale * images[:, 0]\n")
     trainer = cli.train_main([
         "--model", tiny_model, "--output-dir", str(run), "--num-epochs", "1", "--sample-num-steps", "2",
         "--sample-batch-size", "2", "--sample-num-batches-per-epoch", "1", "--train-batch-size", "2",
         "--prompts", "text:a red circle", "--num-eval-images", "1", "--log-images-every", "1", "--save-freq", "0",
         "--reward-workers", "1", "--no-use-tensorboard", "--train-learning-rate", "0.05",
         "--train-gradient-accumulation-steps", "1",  # configs/default.yaml's 2 needs two minibatches per epoch
+        "--reward", f"{reward_file}:less_red", "--reward-kwargs", "scale=2",
     ])
     assert trainer.epoch == 1
+    assert trainer.reward_fn.name == f"{reward_file}:less_red"
     (row,) = read_metrics(run / "metrics.jsonl")
     required = {"epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "seconds", "loss"}
     assert required <= set(row)

@@ -168,7 +168,7 @@ def test_scalar_reward_by_import_path():
     "function, message",
     [
         (None, "needs function="),
-        ("mean_brightness", "must look like 'package.module:function'"),
+        ("mean_brightness", "must look like 'package.module:name' or 'path/to/file.py:name'"),
         ("no_such_module_xyz:f", "cannot import module"),
         ("test_rewards:no_such_function", "has no attribute"),
     ],

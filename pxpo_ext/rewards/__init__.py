@@ -7,6 +7,7 @@ Importing this package registers every built-in reward by name (``get_reward(nam
 from .base import (
     RewardError,
     RewardOutput,
+    UnknownRewardError,
     available_rewards,
     check_images,
     get_reward,
@@ -26,6 +27,7 @@ __all__ = [
     "RewardError",
     "RewardOutput",
     "SegmentationReward",
+    "UnknownRewardError",
     "available_rewards",
     "check_images",
     "feedback_from_masks",

@@ -4,11 +4,11 @@
   (1 kB = 1000 bytes), as in DDPO (Black et al. 2023); ``jpeg_incompressibility``: ``+size``.
 - :func:`scalar_reward` wraps any user function ``fn(images, prompts, metadata)`` that
   returns one number per image; the registered ``"scalar"`` reward imports such a function
-  from ``"package.module:function"`` so that ``python/train.py --reward scalar`` can use it.
+  from ``"package.module:function"`` or ``"path/to/file.py:function"`` so that
+  ``python/train.py --reward scalar`` can use it.
 """
 from __future__ import annotations
 
-import importlib
 import io
 from collections.abc import Callable
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import RewardError, register_reward, reward_name
-from .base import check_images
+from ..user_code import import_object
+from .base import RewardError, check_images, register_reward, reward_name
 
 JPEG_QUALITY = 95
 
@@ -102,24 +102,10 @@ def scalar_reward(fn: Callable, name: str | None = None) -> ScalarReward:
     return ScalarReward(fn, name)
 
 
-def import_function(path: str) -> Callable:
-    """Import ``"package.module:function"`` (the form ``--reward scalar`` takes)."""
-    module_name, sep, attribute = str(path).partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"reward 'scalar': function={path!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"reward 'scalar': cannot import module {module_name!r} ({error}); is it on PYTHONPATH?") from None
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise ValueError(f"reward 'scalar': module {module_name!r} has no attribute {attribute!r}") from None
-
-
 @register_reward("scalar")
 def scalar_from_path(function: str | None = None) -> ScalarReward:
     """``--reward scalar --reward_kwargs '{"function": "mypkg.rewards:aesthetic"}'``."""
     if function is None:
-        raise ValueError("reward 'scalar' needs function='package.module:function' (one number per image)")
-    return ScalarReward(import_function(function), name=str(function))
+        raise ValueError("reward 'scalar' needs function='package.module:function' or 'path/to/file.py:function' "
+                         "(one number per image)")
+    return ScalarReward(import_object(function, "reward 'scalar'"), name=str(function))

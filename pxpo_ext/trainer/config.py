@@ -36,7 +36,9 @@ class PXPOConfig:
     model: str | None = _help("diffusers Stable-Diffusion-style folder or hub id; None = the embedded model",
                               default=None)
     resolution: int | None = _help("image side in pixels; None = the model's native size", default=None)
-    reward: str = _help("registered reward function name (pxpo_ext.rewards.available_rewards())", default="colour")
+    reward: str = _help("a registered reward (pxpo_ext.rewards.available_rewards()), or your own as "
+                        "package.module:name or path/to/file.py:name (a reward function, or a factory "
+                        "called with reward_kwargs)", default="colour")
     reward_kwargs: dict = field(default_factory=dict, metadata={
         "help": "options passed to the reward factory, e.g. {'channel': 'blue'}"})
     prompts: str = _help("prompt source: 'scenes', 'animals', 'text:<one prompt>', 'file:<path, one per line>', or "
