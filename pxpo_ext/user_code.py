@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -63,3 +64,14 @@ def _load_file(path: Path, what: str):
         del sys.modules[name]
         raise
     return module
+
+
+def accepts(fn, *args, **kwargs) -> bool:
+    """Whether ``fn(*args, **kwargs)`` would bind: how a named object tells a factory from the function it makes."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): take it to accept keywords only
+        return not args
+    return True

@@ -320,14 +320,15 @@ def test_train_main_fails_fast_on_setup_errors(tmp_path, argv, message):
 def test_train_main_runs_one_epoch_and_its_lora_loads_in_sample_main(tiny_model, tmp_path, capsys):
     _trainer_available()
     run = tmp_path / "run"
-    # The user's own per-pixel reward, from a file named on the command line with its option.
+    # The user's own per-pixel reward and prompts, from a file named on the command line.
     reward_file = tmp_path / "my_reward.py"
-    reward_file.write_text("def less_red(scale=1.0):\n"
+    reward_file.write_text("PROMPTS = ['a red circle']\n"
+                           "def less_red(scale=1.0):\n"
                            "    return lambda images, prompts, metadata: -scale * images[:, 0]\n")
     trainer = cli.train_main([
         "--model", tiny_model, "--output-dir", str(run), "--num-epochs", "1", "--sample-num-steps", "2",
         "--sample-batch-size", "2", "--sample-num-batches-per-epoch", "1", "--train-batch-size", "2",
-        "--prompts", "text:a red circle", "--num-eval-images", "1", "--log-images-every", "1", "--save-freq", "0",
+        "--prompts", f"{reward_file}:PROMPTS", "--num-eval-images", "1", "--log-images-every", "1", "--save-freq", "0",
         "--reward-workers", "1", "--no-use-tensorboard", "--train-learning-rate", "0.05",
         "--train-gradient-accumulation-steps", "1",  # configs/default.yaml's 2 needs two minibatches per epoch
         "--reward", f"{reward_file}:less_red", "--reward-kwargs", "scale=2",

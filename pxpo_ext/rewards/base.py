@@ -14,7 +14,6 @@ A weight map in ``[0, 1]`` of the rewards' shape says where there is feedback (0
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from ..ops import check_reward_values
-from ..user_code import FORMS, UserCodeError, import_object, is_import_path
+from ..user_code import FORMS, UserCodeError, accepts, import_object, is_import_path
 
 
 class RewardError(ValueError):
@@ -153,7 +152,7 @@ def get_reward(name: str, **options) -> Callable:
         fn = _imported_reward(name, options)
     else:
         raise UnknownRewardError(f"unknown reward {name!r}; available: {', '.join(available_rewards()) or 'none'}, "
-                       f"or your own as {FORMS}")
+                                 f"or your own as {FORMS}")
     if getattr(fn, "name", None) is None:
         try:
             fn.name = name
@@ -167,13 +166,13 @@ def _imported_reward(name: str, options: dict) -> Callable:
     target = import_object(name, what)
     if not callable(target):
         raise UserCodeError(f"{what} is a {type(target).__name__}, not a reward function or a factory of one")
-    if _accepts(target, **options):  # a factory (or a class) taking the options
+    if accepts(target, **options):  # a factory (or a class) taking the options
         fn = target(**options)
         if not callable(fn):
             raise UserCodeError(f"{what} returned a {type(fn).__name__} when called with {options or 'no options'}; "
                                 "a factory must return a reward function reward_fn(images, prompts, metadata)")
         return fn
-    if _accepts(target, None, None, None):  # the reward function itself
+    if accepts(target, None, None, None):  # the reward function itself
         if options:
             raise UserCodeError(f"{what} is a reward function and takes no options, got {sorted(options)}; "
                                 "to take options, name a factory that is called with them and returns the function")
@@ -181,12 +180,3 @@ def _imported_reward(name: str, options: dict) -> Callable:
     raise UserCodeError(f"{what} takes neither (images, prompts, metadata) nor the options {sorted(options)}: "
                         "name a reward function, or a factory called with --reward-kwargs as keyword arguments")
 
-
-def _accepts(fn: Callable, *args, **kwargs) -> bool:
-    try:
-        inspect.signature(fn).bind(*args, **kwargs)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (some builtins): treat it as a factory
-        return not args
-    return True

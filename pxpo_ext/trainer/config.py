@@ -41,9 +41,10 @@ class PXPOConfig:
                         "called with reward_kwargs)", default="colour")
     reward_kwargs: dict = field(default_factory=dict, metadata={
         "help": "options passed to the reward factory, e.g. {'channel': 'blue'}"})
-    prompts: str = _help("prompt source: 'scenes', 'animals', 'text:<one prompt>', 'file:<path, one per line>', or "
-                         "'cycle:<n>:<source>' (n prompts drawn once, then repeated, each from fixed noise)",
-                         default="scenes")
+    prompts: str = _help("prompt source: 'scenes', 'animals', 'text:<one prompt>', 'file:<path, one per line>', "
+                         "'cycle:<n>:<source>' (n prompts drawn once, then repeated, each from fixed noise), or your "
+                         "own as path/to/file.py:name or package.module:name (a list of prompts, a prompt_fn, or a "
+                         "factory called with seed=)", default="scenes")
     output_dir: str = _help("run folder: metrics, images, checkpoints and the final weights", default="runs/pxpo")
     seed: int = _help("random seed (each process adds its index)", default=0)
     num_epochs: int = _help("epochs to train; each samples, rewards and trains once", default=20)

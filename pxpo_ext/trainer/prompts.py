@@ -10,6 +10,9 @@
   and over, each slot from its own fixed initial noise (:class:`CyclingPrompts`): with ``n`` the
   samples per epoch, every epoch rewards the same prompts from the same starting points, so the
   epoch's mean reward is comparable from epoch to epoch.
+- ``"path/to/file.py:name"`` or ``"package.module:name"``: your own, imported: a list of prompts
+  (drawn uniformly), a ``prompt_fn`` that takes no arguments, or a factory called with
+  ``seed=`` that returns one.
 
 Choices come from a private ``random.Random(seed)``, so a source is reproducible and its
 state can be checkpointed (``state_dict`` / ``load_state_dict``).
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+
+from ..user_code import FORMS, UserCodeError, accepts, import_object, is_import_path
 
 CYCLE_NOISE_STRIDE = 1_000_000  # slot seeds of different run seeds never meet
 
@@ -108,5 +113,38 @@ def get_prompt_fn(name: str, seed: int = 0) -> PromptSource | CyclingPrompts:
             raise FileNotFoundError(f"prompt file {str(path)!r} does not exist (prompt source {name!r})")
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return PromptSource(lines, seed, name)
-    raise ValueError(f"unknown prompt source {name!r}: use 'scenes', 'animals', 'text:<prompt>', 'file:<path>' "
-                     "or 'cycle:<count>:<source>'")
+    if is_import_path(name):
+        return _imported_prompts(name, seed)
+    raise ValueError(f"unknown prompt source {name!r}: use 'scenes', 'animals', 'text:<prompt>', 'file:<path>', "
+                     f"'cycle:<count>:<source>', or your own as {FORMS}")
+
+
+def _imported_prompts(name: str, seed: int):
+    what = f"prompt source {name!r}"
+    target = import_object(name, what)
+    if isinstance(target, (list, tuple)):
+        if not all(isinstance(p, str) for p in target):
+            raise UserCodeError(f"{what} is a {type(target).__name__} with items that are not strings")
+        return PromptSource(list(target), seed, name)
+    if callable(target) and accepts(target, seed=seed):  # a factory: seeded per process, as the built-in sources
+        made = target(seed=seed)
+        if not callable(made):
+            raise UserCodeError(f"{what} returned a {type(made).__name__} when called with seed={seed}; "
+                                "a factory must return a prompt function prompt_fn() -> (prompt, metadata)")
+        return made
+    if callable(target) and accepts(target):
+        return target
+    raise UserCodeError(f"{what} is a {type(target).__name__}: name a list of prompts, a prompt function "
+                        "prompt_fn() -> (prompt, metadata), or a factory called with seed= that returns one")
+
+
+def checked_prompt(item, prompt_fn) -> tuple[str, dict]:
+    """One ``prompt_fn()`` result as ``(prompt, metadata)``; a bare string is a prompt without metadata."""
+    if isinstance(item, str):
+        return item, {}
+    if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], dict | None)):
+        return item[0], dict(item[1] or {})
+    name = getattr(prompt_fn, "name", None) or getattr(prompt_fn, "__name__", None) or type(prompt_fn).__name__
+    raise TypeError(f"prompt function {name!r} returned {item!r:.100}; return (prompt, metadata): "
+                    "a string and a dict (or None), or a bare string")

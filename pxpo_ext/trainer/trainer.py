@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .advantages import StatTracker, image_rewards
 from .config import PXPOConfig
 from .lora import add_lora, save_lora
-from .prompts import get_prompt_fn
+from .prompts import checked_prompt, get_prompt_fn
 from .reporting import RunReporter
 from .sampling import (
     encode_prompts,
@@ -181,7 +181,7 @@ class PXPOTrainer:
         self.samples_seen = 0
         self.last_train_stats: list[dict] = []
         # Fixed before/after set, drawn before a resume restores the prompt stream, so it never shifts training.
-        self.eval_prompts = [self.prompt_fn()[0] for _ in range(c.num_eval_images)]
+        self.eval_prompts = [checked_prompt(self.prompt_fn(), self.prompt_fn)[0] for _ in range(c.num_eval_images)]
         self.eval_seeds = list(range(c.num_eval_images))
         if c.resume_from:
             self._resume(c.resume_from)
@@ -249,9 +249,9 @@ class PXPOTrainer:
         c = self.config
         batches, futures = [], []
         for _ in range(c.sample_num_batches_per_epoch):
-            drawn = [self.prompt_fn() for _ in range(c.sample_batch_size)]
+            drawn = [checked_prompt(self.prompt_fn(), self.prompt_fn) for _ in range(c.sample_batch_size)]
             prompts = [p for p, _ in drawn]
-            metadata = [dict(m or {}) for _, m in drawn]
+            metadata = [m for _, m in drawn]
             seeds = [m["seed"] if isinstance(m.get("seed"), int) else None for m in metadata]
             x_t, step_generator = self._sampling_noise(seeds, metadata)
             embeds = encode_prompts(self.pipeline, prompts, self.accelerator.device)

@@ -1,4 +1,4 @@
-"""Rewards named by import path: ``--reward package.module:name`` or ``--reward path/to/file.py:name``."""
+"""Rewards and prompt sources named by import path: ``package.module:name`` or ``path/to/file.py:name``."""
 import sys
 
 import pytest
@@ -10,6 +10,7 @@ from pxpo_ext.rewards import (
     get_reward,
     normalize_output,
 )
+from pxpo_ext.trainer.prompts import PromptSource, checked_prompt, get_prompt_fn
 from pxpo_ext.user_code import UserCodeError
 
 USER_FILE = '''
@@ -41,6 +42,22 @@ def returns_a_number(scale=1.0):
     return scale
 
 NOT_CALLABLE = 3
+
+PROMPTS = ["a red circle", "a blue square"]
+
+class Colours:
+    """A prompt factory: seeded like the built-in sources; metadata reaches the reward function."""
+    def __init__(self, seed):
+        import random
+        self.rng = random.Random(seed)
+    def __call__(self):
+        colour = self.rng.choice(["red", "blue"])
+        return f"a {colour} circle", {"colour": colour}
+
+def one_prompt():
+    return "a yellow star", None
+
+BAD_LIST = ["a red circle", 3]
 '''
 
 
@@ -123,3 +140,57 @@ def test_an_imported_reward_that_returns_a_bad_map_is_named_in_the_error(user_fi
     fn = get_reward(f"{user_file}:less_red")
     with pytest.raises(RewardError, match="less_red"):
         normalize_output(fn(images(size=4), [""] * 2, [{}] * 2), fn.name, 2, (8, 8))
+
+
+# ------------------------------------------------------------------ prompt sources
+def test_a_list_of_prompts_in_a_file_is_drawn_from_with_the_seed(user_file):
+    source = get_prompt_fn(f"{user_file}:PROMPTS", seed=3)
+    assert isinstance(source, PromptSource)
+    again = get_prompt_fn(f"{user_file}:PROMPTS", seed=3)
+    drawn = [source() for _ in range(8)]
+    assert drawn == [again() for _ in range(8)] and {p for p, _ in drawn} <= {"a red circle", "a blue square"}
+
+
+def test_a_prompt_factory_gets_the_seed_and_a_prompt_function_is_used_as_it_is(user_file):
+    colours = get_prompt_fn(f"{user_file}:Colours", seed=5)
+    prompt, metadata = colours()
+    assert prompt == f"a {metadata['colour']} circle"
+    assert get_prompt_fn(f"{user_file}:Colours", seed=5)() == (prompt, metadata)
+    one = get_prompt_fn(f"{user_file}:one_prompt", seed=0)
+    assert checked_prompt(one(), one) == ("a yellow star", {})
+
+
+def test_cycling_over_your_own_prompts(user_file):
+    cycle = get_prompt_fn(f"cycle:3:{user_file}:PROMPTS", seed=0)
+    first = [cycle() for _ in range(3)]
+    assert [cycle() for _ in range(3)] == first  # the same 3 prompts and noise seeds every lap
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("{file}:BAD_LIST", "is a list with items that are not strings"),
+        ("{file}:NOT_CALLABLE", "is a int: name a list of prompts, a prompt function"),
+        ("{file}:needs_a_path", "is a function: name a list of prompts"),  # takes neither seed= nor nothing
+        ("{file}:no_such_name", "has no attribute 'no_such_name'"),
+    ],
+)
+def test_bad_prompt_sources_say_what_to_write(user_file, target, message):
+    with pytest.raises(UserCodeError) as raised:
+        get_prompt_fn(target.format(file=user_file), seed=0)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("item", ["a cat", ("a cat", {"k": 1}), ("a cat", None)])
+def test_checked_prompt_takes_a_prompt_with_or_without_metadata(item):
+    prompt, metadata = checked_prompt(item, None)
+    assert prompt == "a cat" and isinstance(metadata, dict)
+
+
+@pytest.mark.parametrize("item", [("a cat",), ("a cat", "meta"), 3, ["a cat", {}], None])
+def test_checked_prompt_refuses_anything_else_naming_the_function(item):
+    def my_prompts():
+        return item
+
+    with pytest.raises(TypeError, match="prompt function 'my_prompts' returned .*; return \\(prompt, metadata\\)"):
+        checked_prompt(my_prompts(), my_prompts)
