@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import logging
 import sys
 import types
 import typing
@@ -332,6 +333,22 @@ def config_to_yaml(config) -> str:
 # --- entry points ------------------------------------------------------------------------------------------
 
 
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' warning that its image processors fall back to PIL without torchvision.
+
+    diffusers imports those processors and pxpo never uses them; the warning's advice, installing
+    torchvision, can replace a CPU build of torch with a CUDA one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def _quiet_torchvision_fallback() -> None:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackFilter())
+
+
 def _load_model(load_pipeline, prog: str, model: str | None, **kwargs):
     """``load_pipeline(model, **kwargs)``, with a missing or unloadable model as a one-line error."""
     try:
@@ -363,6 +380,7 @@ def train_main(argv: Sequence[str] | None = None):
     """Parse options, build the pipeline, reward and prompts, train, save the LoRA, print the summary.
 
     Returns the trainer (handy from Python; the script ignores it)."""
+    _quiet_torchvision_fallback()
     from accelerate import PartialState
 
     from .rewards import UnknownRewardError, get_reward
@@ -487,6 +505,7 @@ def _sample_reward(args, parser):
 
 def sample_main(argv: Sequence[str] | None = None):
     """Render prompts into a grid PNG (``--out``); returns the images ``(N, 3, H, W)`` in ``[0, 1]``."""
+    _quiet_torchvision_fallback()
     import torch
 
     from .rewards import normalize_output

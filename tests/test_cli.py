@@ -368,3 +368,16 @@ def test_every_script_only_calls_the_package():
         kinds = [type(node).__name__ for node in tree.body]
         assert set(kinds) <= {"Expr", "Try", "ImportFrom", "If"}, f"{script.name} defines code: {kinds}"
         assert any("pxpo_ext" in ast.unparse(node) for node in tree.body if not isinstance(node, ast.Expr)), script.name
+
+
+def test_the_entry_points_drop_only_transformers_torchvision_fallback_warning(caplog):
+    import logging
+
+    cli._quiet_torchvision_fallback()
+    cli._quiet_torchvision_fallback()  # installed once however often an entry point runs
+    logger = logging.getLogger("transformers.utils.import_utils")
+    assert sum(isinstance(f, cli._TorchvisionFallbackFilter) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to ...")
+        logger.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
