@@ -49,7 +49,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from pxpo_ext import embedded
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer
 from pxpo_ext.trainer.config import COMPILE_MODES, COMPILE_SCOPES
-from pxpo_ext.trainer.sampling import sample
+from pxpo_ext.trainer.sampling import TextConditioning, sample
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,7 +148,7 @@ def synthetic_batch(trainer: PXPOTrainer, batch: int, num_steps: int) -> dict:
     """A training minibatch shaped like rollouts (values do not change the work done)."""
     dev = trainer.accelerator.device
     c, h, w = trainer.latent_shape
-    embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+    embeds = TextConditioning.cat([trainer.negative_embeds] * batch)  # rows of their own, as in rollouts
     timesteps = trainer.scheduler.timesteps.to(dev).long().unsqueeze(0).expand(batch, -1).contiguous()
     gran = trainer.config.logprob_granularity
     logp_shape = {"mean": (batch, num_steps), "pixel": (batch, num_steps, h, w)}.get(gran, (batch, num_steps, c, h, w))
@@ -183,7 +183,7 @@ def time_sampling_step(trainer: PXPOTrainer, batch: int, device: str, steps: int
     """Milliseconds per guided sampling step (UNet, DDIM step, log-prob), best of two runs after a warm-up."""
     unet, dev = trainer._unwrapped_unet, trainer.accelerator.device
     x = torch.randn(batch, *trainer.latent_shape, device=dev)
-    embeds = trainer.negative_embeds.expand(batch, -1, -1).contiguous()
+    embeds = TextConditioning.cat([trainer.negative_embeds] * batch)  # rows of their own, as in rollouts
     times = []
     for _ in range(3):
         sync(device)

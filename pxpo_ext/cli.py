@@ -356,6 +356,8 @@ def _load_model(load_pipeline, prog: str, model: str | None, **kwargs):
     except OSError as err:  # FileNotFoundError (embedded weights not trained) and diffusers' load errors
         what = "the embedded model" if model is None else f"model {model!r}"
         raise SystemExit(f"{prog}: error: could not load {what}: {err}") from None
+    except ValueError as err:  # a pipeline of a kind pxpo does not train
+        raise SystemExit(f"{prog}: error: {err}") from None
 
 
 def _missing_model_folder(model: str | None) -> str | None:

@@ -100,7 +100,7 @@ def check_lora_fits(pipe, state: dict[str, torch.Tensor], where) -> None:
     """Raise a ``ValueError`` naming an adapter weight of ``state`` (diffusers, peft or kohya keys) that is for
     no part of ``pipe``, targets a layer it does not have, or has another width; ``where`` names the file."""
     state, _ = type(pipe).lora_state_dict(dict(state))  # diffusers' own conversion of kohya-style keys
-    components = {name: getattr(pipe, name) for name in ("unet", "text_encoder")
+    components = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
                   if getattr(pipe, name, None) is not None}
     foreign = sorted(k for k in state if k.split(".", 1)[0] not in components)
     unknown, wrong = [], []
@@ -109,7 +109,7 @@ def check_lora_fits(pipe, state: dict[str, torch.Tensor], where) -> None:
         if not own:
             continue
         own = _peft_keys(name, own)
-        if name == "text_encoder" and not hasattr(module, "text_model"):  # transformers' flattened CLIP
+        if name.startswith("text_encoder") and not hasattr(module, "text_model"):  # transformers' flattened CLIP
             own = {k.removeprefix("text_model."): v for k, v in own.items()}
         for key, weight in sorted(own.items()):
             if not (m := _ADAPTER_WEIGHT.match(key)):

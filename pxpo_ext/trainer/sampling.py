@@ -7,16 +7,86 @@ at their mean and marked untrainable.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..ddim import ddim_mean_and_std, ddim_sigmas, ddim_step_with_logprob
 
 
-def encode_prompts(pipe, prompts: list[str], device) -> torch.Tensor:
-    """Text embeddings (B, L, D) from the pipeline's own ``encode_prompt`` (handles any SD-style tokenizer)."""
-    embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
-    return embeds
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the UNet is conditioned on, one row per prompt.
+
+    ``hidden_states`` (B, L, D) are the text encoder's; SDXL-style UNets (``addition_embed_type="text_time"``)
+    also take the pooled text embedding ``pooled`` (B, P) and the size and crop ids ``time_ids`` (B, 6) as
+    ``added_cond_kwargs``. Indexing and slicing select rows of all three, as for a tensor.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> TextConditioning:
+        return TextConditioning(*(None if t is None else fn(t) for t in (self.hidden_states, self.pooled, self.time_ids)))
+
+    def __getitem__(self, index) -> TextConditioning:
+        return self._map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def expand(self, n: int) -> TextConditioning:
+        """``n`` rows of a one-row conditioning (the negative prompt's), without copying."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    def to(self, *args, **kwargs) -> TextConditioning:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(items) -> TextConditioning:
+        items = list(items)
+        parts = zip(*((c.hidden_states, c.pooled, c.time_ids) for c in items), strict=True)
+        return TextConditioning(*(None if part[0] is None else torch.cat(part) for part in parts))
+
+    def unet_kwargs(self) -> dict:
+        if self.pooled is None:
+            return {"encoder_hidden_states": self.hidden_states}
+        return {"encoder_hidden_states": self.hidden_states,
+                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+
+
+def needs_added_conditioning(unet) -> bool:
+    """Whether the UNet is SDXL-style: it takes a pooled text embedding and size ids besides the hidden states."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def encode_prompts(pipe, prompts: list[str], device, image_size: int | None = None) -> TextConditioning:
+    """The conditioning of ``prompts`` from the pipeline's own ``encode_prompt`` (any SD-style tokenizer).
+
+    For an SDXL pipeline also the pooled embedding and the time ids of an uncropped ``image_size``
+    square image, as ``StableDiffusionXLPipeline`` builds them by default."""
+    if not needs_added_conditioning(pipe.unet):
+        embeds, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+        return TextConditioning(embeds)
+    if image_size is None:
+        raise ValueError("an SDXL-style pipeline's conditioning needs the image size (its time ids hold it)")
+    embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    size = (image_size, image_size)
+    projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=projection)
+    return TextConditioning(embeds, pooled, time_ids.to(device).expand(len(prompts), -1))
+
+
+def negative_conditioning(pipe, device, image_size: int | None = None) -> TextConditioning:
+    """The unconditional branch of classifier-free guidance, one row: the empty prompt's conditioning, or
+    zeros where an SDXL pipeline says so (``force_zeros_for_empty_prompt``, as its own sampler does)."""
+    empty = encode_prompts(pipe, [""], device, image_size)
+    if empty.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return TextConditioning(torch.zeros_like(empty.hidden_states), torch.zeros_like(empty.pooled), empty.time_ids)
+    return empty
 
 
 def initial_latents(shape, seeds: list[int | None], generator: torch.Generator, device) -> torch.Tensor:
@@ -33,16 +103,18 @@ def trainable_steps(scheduler, eta: float) -> torch.Tensor:
     return ddim_sigmas(scheduler, eta) > 0
 
 
-def guided_noise(unet, latents, timesteps, embeds, negative_embeds, guidance_scale: float | None):
+def guided_noise(unet, latents, timesteps, cond: TextConditioning, negative: TextConditioning,
+                 guidance_scale: float | None):
     """The UNet's prediction, with classifier-free guidance as one batched forward when a scale is given."""
     if guidance_scale is None:
-        return unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        return unet(latents, timesteps, **cond.unet_kwargs()).sample
     n = latents.shape[0]
     model_in = torch.cat([latents, latents])
     t_in = torch.cat([timesteps, timesteps]) if timesteps.dim() else timesteps
-    out = unet(model_in, t_in, encoder_hidden_states=torch.cat([negative_embeds.expand(n, -1, -1), embeds])).sample
-    uncond, cond = out.float().chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    both = TextConditioning.cat([negative.expand(n), cond])
+    out = unet(model_in, t_in, **both.unet_kwargs()).sample
+    uncond, cond_out = out.float().chunk(2)
+    return uncond + guidance_scale * (cond_out - uncond)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -70,7 +142,7 @@ def step_noise(shape, num_steps: int, generator, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(unet, vae, scheduler, embeds, negative_embeds, latents, *, num_steps: int, eta: float,
+def sample(unet, vae, scheduler, cond, negative, latents, *, num_steps: int, eta: float,
            guidance_scale: float, granularity: str, generator, dtype=torch.float32):
     """Run the sampler from ``latents`` (x_T, float32); the UNet sees them in ``dtype``.
 
@@ -84,7 +156,7 @@ def sample(unet, vae, scheduler, embeds, negative_embeds, latents, *, num_steps:
     all_latents, all_logps = [latents], []
     x = latents
     for i, t in enumerate(scheduler.timesteps):
-        noise = guided_noise(unet, x.to(dtype), t, embeds, negative_embeds, scale)
+        noise = guided_noise(unet, x.to(dtype), t, cond, negative, scale)
         if stochastic[i]:
             # t stays on the device and stochastic[i] is known on the host: the step needs no sync.
             step = ddim_step_with_logprob(scheduler, noise, t, x, eta=eta, granularity=granularity,

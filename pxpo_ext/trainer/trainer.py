@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -34,9 +34,12 @@ from .lora import add_lora, save_lora
 from .prompts import checked_prompt, get_prompt_fn
 from .reporting import RunReporter
 from .sampling import (
+    TextConditioning,
     encode_prompts,
     guided_noise,
     initial_latents,
+    needs_added_conditioning,
+    negative_conditioning,
     sample,
     trainable_steps,
 )
@@ -55,20 +58,36 @@ def cpu_distributed() -> bool:
 
 
 def load_pipeline(model: str | None = None, device="cpu", dtype: torch.dtype = torch.float32):
-    """The embedded pipeline (``model=None``) or any Stable-Diffusion-style diffusers folder / hub id,
+    """The embedded pipeline (``model=None``) or a Stable Diffusion (1.x, 2.x) or SDXL diffusers folder / hub id,
     with a DDIM scheduler, on ``device`` in ``dtype``."""
     if model is None:
         from .. import embedded  # lazy: only the default model needs it
 
         pipe = embedded.load_pipeline(device, dtype)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        kind = DiffusionPipeline.load_config(model).get("_class_name")
+        if kind == StableDiffusionXLPipeline.__name__:
+            pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+        elif kind == StableDiffusionPipeline.__name__:
+            pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
+                                                           requires_safety_checker=False)
+        else:
+            raise ValueError(f"model {model!r} is a {kind}; pxpo trains StableDiffusionPipeline (SD 1.x, 2.x) and "
+                             "StableDiffusionXLPipeline models")
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe if pipe.unet.dtype == dtype else pipe.to(dtype=dtype)
+
+
+def vae_dtype(pipe, weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype in a run of ``weight_dtype``: float32 for an SDXL VAE that overflows in fp16 and says so
+    (``force_upcast``), as diffusers' SDXL pipeline decodes; the run's dtype otherwise (SD 1.x VAEs carry the
+    flag by default but their pipeline never upcasts)."""
+    if weight_dtype == torch.float16 and needs_added_conditioning(pipe.unet) and pipe.vae.config.force_upcast:
+        return torch.float32
+    return weight_dtype
 
 
 class PXPOTrainer:
@@ -103,7 +122,8 @@ class PXPOTrainer:
         self.scheduler = pipe.scheduler
         unet = pipe.unet
         # Frozen weights in the run's precision; full fine-tuning trains float32 weights under autocast.
-        for module, dtype in ((pipe.vae, self.weight_dtype), (pipe.text_encoder, self.weight_dtype),
+        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+        for module, dtype in ((pipe.vae, vae_dtype(pipe, self.weight_dtype)), *((e, self.weight_dtype) for e in encoders),
                               (unet, self.weight_dtype if c.use_lora else torch.float32)):
             module.requires_grad_(False)
             module.to(acc.device)
@@ -174,7 +194,7 @@ class PXPOTrainer:
         self.tracker = StatTracker(c.per_prompt_stat_tracking, c.stat_buffer_size, c.stat_min_count,
                                    c.advantage_baseline, c.train_adv_clip_max)
         with torch.no_grad():
-            self.negative_embeds = encode_prompts(pipe, [""], acc.device)
+            self.negative_embeds = negative_conditioning(pipe, acc.device, self.image_size)
         self.executor = ThreadPoolExecutor(max_workers=c.reward_workers)
         self.epoch = 0
         self.global_step = 0
@@ -209,7 +229,7 @@ class PXPOTrainer:
         dev = self.accelerator.device
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         x_t = torch.cat([initial_latents(self.latent_shape, [None], g, dev) for g in generators])
-        embeds = encode_prompts(self.pipeline, list(prompts), dev)
+        embeds = encode_prompts(self.pipeline, list(prompts), dev, self.image_size)
         with self.accelerator.autocast():
             *_, images = sample(self._unwrapped_unet, self.pipeline.vae, self.scheduler, embeds, self.negative_embeds,
                                 x_t, num_steps=num_steps or self.config.sample_num_steps, eta=self.config.sample_eta,
@@ -254,7 +274,7 @@ class PXPOTrainer:
             metadata = [m for _, m in drawn]
             seeds = [m["seed"] if isinstance(m.get("seed"), int) else None for m in metadata]
             x_t, step_generator = self._sampling_noise(seeds, metadata)
-            embeds = encode_prompts(self.pipeline, prompts, self.accelerator.device)
+            embeds = encode_prompts(self.pipeline, prompts, self.accelerator.device, self.image_size)
             with torch.no_grad(), self.accelerator.autocast():
                 latents, log_probs, timesteps, images = sample(
                     self._unwrapped_unet, self.pipeline.vae, self.scheduler, embeds, self.negative_embeds, x_t,
@@ -263,8 +283,8 @@ class PXPOTrainer:
             futures.append(self.executor.submit(self.reward_fn, images, prompts, metadata))
             batches.append({"prompts": prompts, "metadata": metadata, "embeds": embeds, "latents": latents,
                                 "log_probs": log_probs, "timesteps": timesteps, "images": images})
-        rollouts = {k: torch.cat([b[k] for b in batches]) for k in ("embeds", "latents", "log_probs", "timesteps",
-                                                                    "images")}
+        rollouts = {k: torch.cat([b[k] for b in batches]) for k in ("latents", "log_probs", "timesteps", "images")}
+        rollouts["embeds"] = TextConditioning.cat(b["embeds"] for b in batches)
         rollouts["prompts"] = [p for b in batches for p in b["prompts"]]
         rollouts["metadata"] = [m for b in batches for m in b["metadata"]]
         rewards = [self._rewards(f, b["prompts"]) for f, b in zip(futures, batches)]
@@ -343,7 +363,7 @@ class PXPOTrainer:
         return out
 
     @torch.no_grad()
-    def _reference_mean(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def _reference_mean(self, x_t: torch.Tensor, t: torch.Tensor, embeds: TextConditioning) -> torch.Tensor:
         """The initial model's DDIM mean at these latents (the KL penalty's reference policy), guided as in training."""
         lora = self.reference_unet is None
         if lora and not self.config.use_lora:
