@@ -42,9 +42,10 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pxpo_ext import embedded
 from pxpo_ext.trainer import PXPOConfig, PXPOTrainer
@@ -56,9 +57,12 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_pipeline(model: str, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     """``model`` "sd15": SD-1.5's architecture with random weights, initialised on ``device``; "tiny": a tiny
-    one likewise; "embedded": pxpo's shipped model (``python python/train.py``'s default), loaded."""
+    one likewise; "sdxl" and "tiny-sdxl": SDXL 1.0 base's architecture and a tiny one; "embedded": pxpo's
+    shipped model (``python python/train.py``'s default), loaded."""
     if model == "embedded":
         return embedded.load_pipeline(device, dtype)
+    if model.endswith("sdxl"):
+        return build_sdxl_pipeline(model == "tiny-sdxl", device, dtype)
     torch.manual_seed(0)
     with torch.device(device):
         if model == "tiny":
@@ -89,6 +93,53 @@ def build_pipeline(model: str, device: str, dtype: torch.dtype) -> StableDiffusi
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
+
+
+def build_sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """SDXL 1.0 base's architecture (the configs of stabilityai/stable-diffusion-xl-base-1.0) with random weights,
+    or a tiny one of the same shape (two text encoders, pooled embedding and time ids)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        if tiny:
+            unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                        cross_attention_dim=64, attention_head_dim=(2, 4), norm_num_groups=32,
+                                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                                        addition_embed_type="text_time", addition_time_embed_dim=8,
+                                        projection_class_embeddings_input_dim=6 * 8 + 16)
+            vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                                norm_num_groups=32)
+            small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=1000, max_position_embeddings=77)
+            text, text_2 = CLIPTextConfig(**small), CLIPTextConfig(**small, projection_dim=16)
+        else:
+            unet = UNet2DConditionModel(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                                        cross_attention_dim=2048, use_linear_projection=True,
+                                        addition_embed_type="text_time", addition_time_embed_dim=256,
+                                        projection_class_embeddings_input_dim=2816)
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                                sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+            text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                  vocab_size=49408, max_position_embeddings=77)
+            text_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                    num_attention_heads=20, vocab_size=49408, max_position_embeddings=77,
+                                    projection_dim=1280, hidden_act="gelu")
+        text_encoder, text_encoder_2 = CLIPTextModel(text), CLIPTextModelWithProjection(text_2)
+    tokenizer = CLIPTokenizer.from_pretrained(embedded.pipeline_path() / "tokenizer", model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device, dtype)
+    if dtype == torch.float16:  # SDXL's VAE overflows in fp16; the trainer keeps it in float32 (force_upcast)
+        pipe.vae.to(dtype=torch.float32)
+    return pipe
 
 
 def brightness_map(images, prompts, metadata):
@@ -129,10 +180,12 @@ class Recorder:
 
 
 def variant_name(args) -> str:
-    """The CSV's variant column for the trainer's own settings ("" for the plain eager trainer)."""
-    if args.compile == "no":
-        return ""
-    return f"compile={args.compile}" + ("" if args.compile_scope == "unet" else f" scope={args.compile_scope}")
+    """The CSV's variant column for the model and the trainer's own settings ("" for the plain eager trainer on
+    SD-1.5's architecture)."""
+    parts = ["sdxl"] if args.sdxl else []
+    if args.compile != "no":
+        parts.append(f"compile={args.compile}" + ("" if args.compile_scope == "unet" else f" scope={args.compile_scope}"))
+    return " ".join(parts)
 
 
 def make_trainer(pipe, device: str, **overrides) -> PXPOTrainer:
@@ -430,13 +483,17 @@ def main(argv=None) -> None:
     p.add_argument("--embedded", action="store_true",
                    help="the shipped embedded model at 64 px with the trainer's default 10 steps: what "
                         "python/train.py trains, on a CPU")
+    p.add_argument("--sdxl", action="store_true",
+                   help="SDXL 1.0 base's architecture with random weights at 1024 px (with --tiny: a tiny SDXL), "
+                        "20 steps, 4 samples per epoch, training minibatches of 2: a check that SDXL trains at "
+                        "scale and what its steps cost, not TRL's anchor settings")
     p.add_argument("--benches", nargs="+", default=["microstep", "epoch", "scaling"],
                    choices=["microstep", "variants", "kl", "epoch", "scaling"])
     p.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "no", choices=list(DTYPES),
                    help="mixed precision (TRL's anchor: fp16; a CPU needs 'no')")
     p.add_argument("--epochs", type=int, default=3, help="pxpo epochs timed (the first one warms up)")
     p.add_argument("--ddpo-epochs", type=int, default=2, help="ddpo epochs timed by the same trainer code")
-    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-batch", type=int, help="training minibatch (default 4; 2 with --tiny or --sdxl)")
     p.add_argument("--reps", type=int, default=10, help="timed micro-steps per measurement")
     p.add_argument("--scaling-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 768], help="image sides besides the base")
@@ -451,20 +508,22 @@ def main(argv=None) -> None:
     if args.plot:
         plot(args.plot, args.figure)
         return
-    if args.tiny and args.embedded:
-        p.error("--tiny and --embedded pick different models; give one")
+    if args.embedded and (args.tiny or args.sdxl):
+        p.error("--embedded is a model of its own; leave out --tiny and --sdxl")
     if args.tiny:
         args.scaling_batches, args.scaling_sizes, args.scaling_steps, args.reps = [1, 2], [32], [2], 2
-    model = "tiny" if args.tiny else "embedded" if args.embedded else "sd15"
-    steps = {"tiny": 4, "embedded": PXPOConfig.sample_num_steps, "sd15": 50}[model]
+    model = ("tiny-sdxl" if args.sdxl else "tiny") if args.tiny else "embedded" if args.embedded else \
+        "sdxl" if args.sdxl else "sd15"
+    steps = {"tiny": 4, "tiny-sdxl": 4, "embedded": PXPOConfig.sample_num_steps, "sd15": 50, "sdxl": 20}[model]
     dtype = DTYPES[args.precision]
     record = Recorder(args.out, args.device)
     t0 = time.perf_counter()
     pipe = build_pipeline(model, args.device, dtype)
     print(f"built the {model} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
-    if args.tiny:
-        args.train_batch = 2
-    tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else {}
+    if args.train_batch is None:
+        args.train_batch = 2 if args.tiny or args.sdxl else 4
+    tiny = dict(sample_batch_size=2, sample_num_batches_per_epoch=1) if args.tiny else \
+        dict(sample_batch_size=4, sample_num_batches_per_epoch=1) if args.sdxl else {}
     options = dict(sample_num_steps=steps, mixed_precision=args.precision, train_batch_size=args.train_batch,
                    compile_unet=args.compile, compile_scope=args.compile_scope, **tiny)
     trainer = make_trainer(pipe, args.device, **options)

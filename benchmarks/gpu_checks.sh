@@ -7,8 +7,8 @@
 #
 # STAGES="names" picks the stages and their order. The stages: build kernel-tests bench-ops
 # bench-variants bench-microstep bench-kl bench-compiled bench-reduce-overhead bench-compiled-blocks bench-trainer
-# trl-anchor bench-scaling; unset, all but bench-reduce-overhead, bench-compiled-blocks and bench-kl in that
-# order; empty, none (e.g. to only pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it
+# trl-anchor bench-scaling bench-sdxl; unset, all but bench-reduce-overhead, bench-compiled-blocks, bench-kl and
+# bench-sdxl in that order; empty, none (e.g. to only pretrain). Each stage has a cap and a need (seconds, NEED_OF below): it
 # runs for at most its cap, never into the needs of the stages after it, and is skipped when less than its
 # own need is left. Optional: wheels in .whl/ (diffusers, trl) are installed to /tmp/site first; TRL_ANCHOR=path
 # is the anchor script the trl-anchor stage runs; PRETRAIN_ARGS="..." trains the embedded model
@@ -25,7 +25,8 @@ DEADLINE_S=${DEADLINE_S:-580}
 STAGES=${STAGES-build kernel-tests bench-ops bench-variants bench-microstep bench-compiled bench-trainer trl-anchor bench-scaling}
 # The least time (seconds) worth starting each stage with: a stage cut short measures nothing.
 declare -A NEED_OF=([build]=60 [kernel-tests]=40 [bench-ops]=40 [bench-variants]=40 [bench-microstep]=40 [bench-kl]=40
-  [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-compiled-blocks]=120 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40)
+  [bench-compiled]=170 [bench-reduce-overhead]=170 [bench-compiled-blocks]=120 [bench-trainer]=100 [trl-anchor]=190 [bench-scaling]=40
+  [bench-sdxl]=150)
 for name in $STAGES; do
   [[ -n "${NEED_OF[$name]:-}" ]] || { echo "unknown stage '$name' (known: ${!NEED_OF[*]})" >&2; exit 2; }
 done
@@ -115,11 +116,17 @@ run_trl_anchor() {
   if [[ -z "${TRL_ANCHOR:-}" ]]; then echo "TRL_ANCHOR is not set"; return 1; fi
   python3 "$TRL_ANCHOR" >"$OUT/trl.json" && log "trl: $(tail -c 400 "$OUT/trl.json")"
 }
+# SDXL's architecture with random weights at 1024 px: that it trains at scale (fp16, the VAE upcast), its
+# micro-step and a short epoch (20 steps, 4 samples), and the peak memory.
+run_bench_sdxl() {
+  python3 benchmarks/bench_trainer.py --sdxl --benches microstep epoch --epochs 2 --ddpo-epochs 0 --reps 10 \
+    --out "$OUT/trainer.csv"
+}
 run_bench_scaling() {
   python3 benchmarks/bench_trainer.py --benches scaling --scaling-batches 1 4 16 --scaling-sizes 768 --out "$OUT/trainer.csv"
 }
 export -f run_build run_kernel_tests run_bench_ops run_bench_variants run_bench_microstep run_bench_kl run_compiled \
-  run_bench_trainer run_trl_anchor run_bench_scaling log
+  run_bench_trainer run_trl_anchor run_bench_scaling run_bench_sdxl log
 export OUT START LOG
 
 for name in $STAGES; do
@@ -139,6 +146,7 @@ for name in $STAGES; do
     bench-trainer) stage bench-trainer 130 bash -c run_bench_trainer ;;
     trl-anchor) stage trl-anchor 200 bash -c run_trl_anchor ;;
     bench-scaling) stage bench-scaling 200 bash -c run_bench_scaling ;;
+    bench-sdxl) stage bench-sdxl 240 bash -c run_bench_sdxl ;;
   esac
 done
 if [[ -n "$PRETRAIN_PID" ]]; then log "waiting for pretrain"; wait "$PRETRAIN_PID"; fi

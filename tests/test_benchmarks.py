@@ -33,6 +33,14 @@ def test_trainer_benchmark_writes_its_rows(tmp_path):
     assert not any(r["bench"] == "gradcheck" for r in rows)  # eager: nothing to check
 
 
+def test_trainer_benchmark_runs_the_sdxl_architecture(tmp_path):
+    rows = _bench_trainer(tmp_path, "--sdxl", "--benches", "microstep", "epoch", "--epochs", "1", "--ddpo-epochs", "0")
+    metrics = {(r["bench"], r["metric"]) for r in rows}
+    assert ("microstep", "ms_per_microstep") in metrics and ("epoch", "samples_per_s") in metrics
+    assert {r["variant"] for r in rows} == {"sdxl"} and {r["batch"] for r in rows if r["bench"] == "microstep"} == {"2"}
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+
+
 def test_trainer_benchmark_times_the_embedded_model(tmp_path):
     rows = _bench_trainer(tmp_path, "--benches", "epoch", "--epochs", "1", "--ddpo-epochs", "0", "--train-batch", "8",
                           model="--embedded")
