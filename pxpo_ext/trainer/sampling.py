@@ -29,7 +29,8 @@ class TextConditioning:
     time_ids: torch.Tensor | None = None
 
     def _map(self, fn) -> TextConditioning:
-        return TextConditioning(*(None if t is None else fn(t) for t in (self.hidden_states, self.pooled, self.time_ids)))
+        parts = (self.hidden_states, self.pooled, self.time_ids)
+        return TextConditioning(*(None if t is None else fn(t) for t in parts))
 
     def __getitem__(self, index) -> TextConditioning:
         return self._map(lambda t: t[index])
@@ -40,9 +41,6 @@ class TextConditioning:
     def expand(self, n: int) -> TextConditioning:
         """``n`` rows of a one-row conditioning (the negative prompt's), without copying."""
         return self._map(lambda t: t.expand(n, *t.shape[1:]))
-
-    def to(self, *args, **kwargs) -> TextConditioning:
-        return self._map(lambda t: t.to(*args, **kwargs))
 
     @staticmethod
     def cat(items) -> TextConditioning:

@@ -122,8 +122,9 @@ class PXPOTrainer:
         self.scheduler = pipe.scheduler
         unet = pipe.unet
         # Frozen weights in the run's precision; full fine-tuning trains float32 weights under autocast.
-        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        for module, dtype in ((pipe.vae, vae_dtype(pipe, self.weight_dtype)), *((e, self.weight_dtype) for e in encoders),
+        encoders = [(m, self.weight_dtype) for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+                    if m is not None]
+        for module, dtype in ((pipe.vae, vae_dtype(pipe, self.weight_dtype)), *encoders,
                               (unet, self.weight_dtype if c.use_lora else torch.float32)):
             module.requires_grad_(False)
             module.to(acc.device)
