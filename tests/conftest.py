@@ -82,3 +82,11 @@ def tiny_model(tmp_path_factory) -> str:
     from tiny_pipeline import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """Folder of a random-weight SDXL pipeline (two text encoders, pooled embedding, time ids; 16x16 images)."""
+    from tiny_pipeline import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
