@@ -71,6 +71,10 @@ def test_cycling_prompts_repeat_in_order_with_fixed_noise_and_resume():
     again.load_state_dict(source.state_dict())
     assert again() == source() == ("b", {"seed": 101})
     assert CyclingPrompts(["a"])() == ("a", {})
+    with_metadata = CyclingPrompts(["a", "b"], noise_seed=7, metadata=[{"k": 1}, {"k": 2, "seed": 0}])
+    assert [with_metadata() for _ in range(2)] == [("a", {"k": 1, "seed": 7}), ("b", {"k": 2, "seed": 8})]
+    with pytest.raises(ValueError, match="2 metadata dicts for 1 prompts"):
+        CyclingPrompts(["a"], metadata=[{}, {}])
 
 
 def test_cycle_prompt_source_draws_once_then_repeats_with_fixed_noise():

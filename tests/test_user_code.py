@@ -160,10 +160,15 @@ def test_a_prompt_factory_gets_the_seed_and_a_prompt_function_is_used_as_it_is(u
     assert checked_prompt(one(), one) == ("a yellow star", {})
 
 
-def test_cycling_over_your_own_prompts(user_file):
+def test_cycling_over_your_own_prompts_keeps_their_metadata(user_file):
     cycle = get_prompt_fn(f"cycle:3:{user_file}:PROMPTS", seed=0)
     first = [cycle() for _ in range(3)]
     assert [cycle() for _ in range(3)] == first  # the same 3 prompts and noise seeds every lap
+    colours = get_prompt_fn(f"cycle:4:{user_file}:Colours", seed=5)
+    drawn = [colours() for _ in range(8)]
+    for prompt, metadata in drawn:
+        assert prompt == f"a {metadata['colour']} circle" and isinstance(metadata["seed"], int)
+    assert drawn[:4] == drawn[4:]
 
 
 @pytest.mark.parametrize(

@@ -179,4 +179,3 @@ def _imported_reward(name: str, options: dict) -> Callable:
         return target
     raise UserCodeError(f"{what} takes neither (images, prompts, metadata) nor the options {sorted(options)}: "
                         "name a reward function, or a factory called with --reward-kwargs as keyword arguments")
-

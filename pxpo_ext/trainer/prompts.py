@@ -20,6 +20,7 @@ state can be checkpointed (``state_dict`` / ``load_state_dict``).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from ..user_code import FORMS, UserCodeError, accepts, import_object, is_import_path
@@ -62,20 +63,25 @@ class CyclingPrompts:
     initial noise (``metadata["seed"] = noise_seed + slot``), so a change in the epoch's mean reward
     is the policy's doing, not a new draw of prompts or starting points; on the embedded model
     those alone move a 16-image mean of the colour reward by several hundredths. ``noise_seed=None``
-    leaves the initial noise to the trainer's generator.
+    leaves the initial noise to the trainer's generator. ``metadata``: one dict per prompt, returned
+    with it (the slot's seed added).
     """
 
-    def __init__(self, prompts: list[str], noise_seed: int | None = None):
+    def __init__(self, prompts: list[str], noise_seed: int | None = None, metadata: list[dict] | None = None):
         if not prompts:
             raise ValueError("CyclingPrompts needs at least one prompt")
+        if metadata is not None and len(metadata) != len(prompts):
+            raise ValueError(f"CyclingPrompts got {len(metadata)} metadata dicts for {len(prompts)} prompts")
         self.prompts = list(prompts)
+        self.metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in self.prompts]
         self.noise_seed = noise_seed
         self.index = 0
 
     def __call__(self) -> tuple[str, dict]:
         slot = self.index % len(self.prompts)
         self.index += 1
-        return self.prompts[slot], ({} if self.noise_seed is None else {"seed": self.noise_seed + slot})
+        seed = {} if self.noise_seed is None else {"seed": self.noise_seed + slot}
+        return self.prompts[slot], {**self.metadata[slot], **seed}
 
     def state_dict(self) -> dict:
         return {"index": self.index}
@@ -90,14 +96,17 @@ def _scene_prompts() -> list[str]:
     return prompts(max_objects=1)
 
 
-def get_prompt_fn(name: str, seed: int = 0) -> PromptSource | CyclingPrompts:
-    """The prompt source ``name`` (see the module docstring), seeded with ``seed``."""
+def get_prompt_fn(name: str, seed: int = 0) -> Callable[[], tuple[str, dict]]:
+    """The prompt source ``name`` (see the module docstring), seeded with ``seed``: a ``PromptSource``, a
+    ``CyclingPrompts`` or, for an import path, the user's own ``prompt_fn``."""
     if name.startswith("cycle:"):
         count, _, inner = name[len("cycle:"):].partition(":")
         if not count.isdigit() or int(count) < 1 or not inner:
             raise ValueError(f"prompt source {name!r}: write 'cycle:<count>:<source>', e.g. 'cycle:16:scenes'")
         source = get_prompt_fn(inner, seed)
-        return CyclingPrompts([source()[0] for _ in range(int(count))], noise_seed=CYCLE_NOISE_STRIDE * (seed + 1))
+        drawn = [checked_prompt(source(), source) for _ in range(int(count))]  # metadata kept: rewards may use it
+        return CyclingPrompts([p for p, _ in drawn], noise_seed=CYCLE_NOISE_STRIDE * (seed + 1),
+                              metadata=[m for _, m in drawn])
     if name == "scenes":
         return PromptSource(_scene_prompts(), seed, name)
     if name == "animals":
