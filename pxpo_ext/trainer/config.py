@@ -33,8 +33,8 @@ class PXPOConfig:
                            default="ppo", choices=LOSS_TYPES)
     granularity: str = _help("pxpo log-prob unit: 'pixel' (sum over latent channels) or 'element' (one per channel)",
                              default="pixel", choices=GRANULARITIES)
-    model: str | None = _help("diffusers Stable-Diffusion-style folder or hub id; None = the embedded model",
-                              default=None)
+    model: str | None = _help("diffusers folder or hub id of a Stable Diffusion (1.x, 2.x) or SDXL pipeline; "
+                              "None = the embedded model", default=None)
     resolution: int | None = _help("image side in pixels; None = the model's native size", default=None)
     reward: str = _help("a registered reward (pxpo_ext.rewards.available_rewards()), or your own as "
                         "package.module:name or path/to/file.py:name (a reward function, or a factory "

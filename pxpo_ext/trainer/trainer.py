@@ -1,4 +1,4 @@
-"""``PXPOTrainer``: the training loop of SPEC §6 over a diffusers Stable-Diffusion-style pipeline.
+"""``PXPOTrainer``: the training loop of SPEC §6 over a diffusers Stable Diffusion or SDXL pipeline.
 
 One code path serves ``algorithm="pxpo"`` (per-pixel log-probs, advantages and ratios) and
 ``"ddpo"`` (DDPO: per-image mean log-prob, scalar reward = the weighted mean of the map), so
