@@ -456,6 +456,8 @@ def build_sample_parser() -> argparse.ArgumentParser:
                         help="DDIM steps (default: %(default)s, as in training)")
     parser.add_argument("--guidance-scale", type=float, default=defaults["sample_guidance_scale"],
                         help="classifier-free guidance scale (default: %(default)s, as in training)")
+    parser.add_argument("--negative-prompt", default=defaults["sample_negative_prompt"],
+                        help="the prompt guidance steers away from (default: '', as in training)")
     parser.add_argument("--eta", type=float, default=defaults["sample_eta"],
                         help="DDIM eta; 0 is deterministic DDIM (default: %(default)s, as in training)")
     parser.add_argument("--resolution", type=int, default=None,
@@ -550,6 +552,7 @@ def sample_main(argv: Sequence[str] | None = None):
             prompt=[p for p, _ in chunk],
             num_inference_steps=args.num_steps,
             guidance_scale=args.guidance_scale,
+            negative_prompt=[args.negative_prompt] * len(chunk) if args.negative_prompt else None,
             eta=args.eta,
             generator=[torch.Generator().manual_seed(s) for _, s in chunk],  # per image: batch-independent
             output_type="pt",

@@ -261,8 +261,10 @@ def test_sample_main_renders_a_grid_with_reward_heatmaps(tiny_model, tmp_path, c
     assert torch.allclose(again[0], images[2], atol=1e-5)
 
 
+@pytest.mark.parametrize("negative", ["", "a blurry picture"])
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
-def test_sample_main_defaults_reproduce_the_trainers_images_for_the_same_seeds(model_fixture, request, tmp_path):
+def test_sample_main_defaults_reproduce_the_trainers_images_for_the_same_seeds(model_fixture, negative, request,
+                                                                               tmp_path):
     """sample.py's defaults are the training sampler's, so its grid shows what training showed; for SDXL this
     also checks the trainer's conditioning (pooled embedding, time ids, zero negative) against diffusers' own."""
     _trainer_available()
@@ -270,14 +272,16 @@ def test_sample_main_defaults_reproduce_the_trainers_images_for_the_same_seeds(m
 
     tiny_model = request.getfixturevalue(model_fixture)
     config = PXPOConfig(model=tiny_model, output_dir=str(tmp_path / "run"), sample_num_steps=3, sample_batch_size=2,
-                        sample_num_batches_per_epoch=1, train_batch_size=2, use_tensorboard=False, num_eval_images=0)
+                        sample_num_batches_per_epoch=1, train_batch_size=2, use_tensorboard=False, num_eval_images=0,
+                        sample_negative_prompt=negative)
     trainer = PXPOTrainer(config, None, None, load_pipeline(tiny_model))
     try:
         expected = trainer.generate(["a red circle", "a blue square"], [3, 4])
     finally:
         trainer.close()
     images = cli.sample_main(["--model", tiny_model, "--prompt", "a red circle", "--prompt", "a blue square",
-                              "--seed", "3", "--num-steps", "3", "--out", str(tmp_path / "grid.png")])
+                              "--seed", "3", "--num-steps", "3", "--negative-prompt", negative,
+                              "--out", str(tmp_path / "grid.png")])
     assert torch.allclose(images, expected, atol=1e-5)
 
 

@@ -53,6 +53,8 @@ class PXPOConfig:
     sample_num_steps: int = _help("DDIM steps per image", default=10)
     sample_eta: float = _help("DDIM eta (> 0: the policy needs a density)", default=1.0)
     sample_guidance_scale: float = _help("classifier-free guidance scale", default=5.0)
+    sample_negative_prompt: str = _help("the prompt guidance steers away from, in sampling and training alike "
+                                        "(the policy is the guided model); '' as in DDPO and TRL", default="")
     sample_batch_size: int = _help("images per sampling batch, per process", default=8)
     sample_num_batches_per_epoch: int = _help("sampling batches per epoch, per process", default=2)
 

@@ -78,11 +78,11 @@ def encode_prompts(pipe, prompts: list[str], device, image_size: int | None = No
     return TextConditioning(embeds, pooled, time_ids.to(device).expand(len(prompts), -1))
 
 
-def negative_conditioning(pipe, device, image_size: int | None = None) -> TextConditioning:
-    """The unconditional branch of classifier-free guidance, one row: the empty prompt's conditioning, or
-    zeros where an SDXL pipeline says so (``force_zeros_for_empty_prompt``, as its own sampler does)."""
-    empty = encode_prompts(pipe, [""], device, image_size)
-    if empty.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+def negative_conditioning(pipe, device, image_size: int | None = None, prompt: str = "") -> TextConditioning:
+    """The negative branch of classifier-free guidance, one row: ``prompt``'s conditioning; for the empty
+    prompt, zeros where an SDXL pipeline says so (``force_zeros_for_empty_prompt``, as its own sampler does)."""
+    empty = encode_prompts(pipe, [prompt], device, image_size)
+    if not prompt and empty.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         return TextConditioning(torch.zeros_like(empty.hidden_states), torch.zeros_like(empty.pooled), empty.time_ids)
     return empty
 

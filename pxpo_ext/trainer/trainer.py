@@ -195,7 +195,7 @@ class PXPOTrainer:
         self.tracker = StatTracker(c.per_prompt_stat_tracking, c.stat_buffer_size, c.stat_min_count,
                                    c.advantage_baseline, c.train_adv_clip_max)
         with torch.no_grad():
-            self.negative_embeds = negative_conditioning(pipe, acc.device, self.image_size)
+            self.negative_embeds = negative_conditioning(pipe, acc.device, self.image_size, c.sample_negative_prompt)
         self.executor = ThreadPoolExecutor(max_workers=c.reward_workers)
         self.epoch = 0
         self.global_step = 0
