@@ -202,8 +202,11 @@ class PXPOTrainer:
         self.samples_seen = 0
         self.last_train_stats: list[dict] = []
         # Fixed before/after set, drawn before a resume restores the prompt stream, so it never shifts training.
-        self.eval_prompts = [checked_prompt(self.prompt_fn(), self.prompt_fn)[0] for _ in range(c.num_eval_images)]
+        drawn = [checked_prompt(self.prompt_fn(), self.prompt_fn) for _ in range(c.num_eval_images)]
+        self.eval_prompts = [p for p, _ in drawn]
         self.eval_seeds = list(range(c.num_eval_images))
+        # The prompts' metadata goes to the reward with them (a reward may need it); the seed is the grid's own.
+        self.eval_metadata = [{**m, "seed": s} for (_, m), s in zip(drawn, self.eval_seeds)]
         if c.resume_from:
             self._resume(c.resume_from)
         self.reporter = RunReporter(c.output_dir, use_tensorboard=c.use_tensorboard, enabled=acc.is_main_process)
@@ -509,7 +512,7 @@ class PXPOTrainer:
         if not self.eval_prompts:
             return
         images = self.generate(self.eval_prompts, self.eval_seeds)
-        out = normalize_output(self.reward_fn(images, self.eval_prompts, [{"seed": s} for s in self.eval_seeds]),
+        out = normalize_output(self.reward_fn(images, self.eval_prompts, [dict(m) for m in self.eval_metadata]),
                                self.reward_name, len(images), (self.image_size, self.image_size))
         self.reporter.log_samples(tag, images.cpu(), self.eval_prompts, out.reward, step=step, weight_maps=out.weight)
 
