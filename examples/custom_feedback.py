@@ -30,6 +30,14 @@ class ObjectPrompts:
         colour, background = self.rng.sample(sorted(COLOURS), 2)
         return f"a {colour} {self.rng.choice(SHAPES)} on a {background} background", {"background": background}
 
+    # Optional: with these two, --resume-from continues the prompt stream exactly (checkpoints store the state).
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))  # a checkpoint gives the tuple back as a list
+
 
 def object_colour(target: str = "yellow", tolerance: float = 0.3):
     """Reward ``-distance(pixel, target) / sqrt(3)`` in ``[-1, 0]`` on every pixel that is not the prompt's

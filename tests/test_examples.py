@@ -19,6 +19,16 @@ def test_the_example_prompts_carry_their_background_and_cycle():
         assert prompt.endswith(f"on a {metadata['background']} background")
 
 
+def test_the_example_prompts_resume_their_stream(tmp_path):
+    prompts = get_prompt_fn(f"{EXAMPLE}:ObjectPrompts", seed=3)
+    prompts()
+    torch.save(prompts.state_dict(), tmp_path / "state.pt")  # as a checkpoint stores it
+    expected = [prompts() for _ in range(3)]
+    again = get_prompt_fn(f"{EXAMPLE}:ObjectPrompts", seed=99)
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert [again() for _ in range(3)] == expected
+
+
 def test_the_example_reward_marks_the_object_and_leaves_the_background_unmarked():
     reward = get_reward(f"{EXAMPLE}:object_colour", target="yellow")
     image = (torch.tensor(COLOURS["blue"], dtype=torch.float32) / 255).view(1, 3, 1, 1).repeat(2, 1, 8, 8)
