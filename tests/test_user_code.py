@@ -199,3 +199,12 @@ def test_checked_prompt_refuses_anything_else_naming_the_function(item):
 
     with pytest.raises(TypeError, match="prompt function 'my_prompts' returned .*; return \\(prompt, metadata\\)"):
         checked_prompt(my_prompts(), my_prompts)
+
+
+def test_a_file_that_fails_to_import_raises_its_own_error_and_is_not_cached(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("raise RuntimeError('my setup failed')\ndef r(images, prompts, metadata):\n    return images[:, 0]\n")
+    with pytest.raises(RuntimeError, match="my setup failed"):  # the user's own traceback, not a wrapped one
+        get_reward(f"{path}:r")
+    path.write_text("def r(images, prompts, metadata):\n    return images[:, 0]\n")  # fixed: imported afresh
+    assert get_reward(f"{path}:r")(images(), ["a", "b"], [{}, {}]).shape == (2, 8, 8)
