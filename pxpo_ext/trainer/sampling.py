@@ -28,9 +28,11 @@ class TextConditioning:
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
+    def _parts(self) -> tuple:
+        return self.hidden_states, self.pooled, self.time_ids
+
     def _map(self, fn) -> TextConditioning:
-        parts = (self.hidden_states, self.pooled, self.time_ids)
-        return TextConditioning(*(None if t is None else fn(t) for t in parts))
+        return TextConditioning(*(None if t is None else fn(t) for t in self._parts()))
 
     def __getitem__(self, index) -> TextConditioning:
         return self._map(lambda t: t[index])
@@ -44,8 +46,7 @@ class TextConditioning:
 
     @staticmethod
     def cat(items) -> TextConditioning:
-        items = list(items)
-        parts = zip(*((c.hidden_states, c.pooled, c.time_ids) for c in items), strict=True)
+        parts = zip(*(c._parts() for c in items), strict=True)
         return TextConditioning(*(None if part[0] is None else torch.cat(part) for part in parts))
 
     def unet_kwargs(self) -> dict:
@@ -81,10 +82,10 @@ def encode_prompts(pipe, prompts: list[str], device, image_size: int | None = No
 def negative_conditioning(pipe, device, image_size: int | None = None, prompt: str = "") -> TextConditioning:
     """The negative branch of classifier-free guidance, one row: ``prompt``'s conditioning; for the empty
     prompt, zeros where an SDXL pipeline says so (``force_zeros_for_empty_prompt``, as its own sampler does)."""
-    empty = encode_prompts(pipe, [prompt], device, image_size)
-    if not prompt and empty.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
-        return TextConditioning(torch.zeros_like(empty.hidden_states), torch.zeros_like(empty.pooled), empty.time_ids)
-    return empty
+    cond = encode_prompts(pipe, [prompt], device, image_size)
+    if not prompt and cond.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return TextConditioning(torch.zeros_like(cond.hidden_states), torch.zeros_like(cond.pooled), cond.time_ids)
+    return cond
 
 
 def initial_latents(shape, seeds: list[int | None], generator: torch.Generator, device) -> torch.Tensor:
