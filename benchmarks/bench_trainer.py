@@ -136,10 +136,7 @@ def build_sdxl_pipeline(tiny: bool, device: str, dtype: torch.dtype) -> StableDi
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device, dtype)
-    if dtype == torch.float16:  # SDXL's VAE overflows in fp16; the trainer keeps it in float32 (force_upcast)
-        pipe.vae.to(dtype=torch.float32)
-    return pipe
+    return pipe.to(device, dtype)  # the trainer keeps SDXL's VAE in float32 under fp16 (force_upcast)
 
 
 def brightness_map(images, prompts, metadata):

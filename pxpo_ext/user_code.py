@@ -66,6 +66,11 @@ def _load_file(path: Path, what: str):
     return module
 
 
+def display_name(fn) -> str:
+    """What errors call a user's callable: its ``name`` attribute, its ``__name__``, or its type's name."""
+    return getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
 def accepts(fn, *args, **kwargs) -> bool:
     """Whether ``fn(*args, **kwargs)`` would bind: how a named object tells a factory from the function it makes."""
     try:

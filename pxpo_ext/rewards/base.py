@@ -22,6 +22,7 @@ import torch
 
 from ..ops import check_reward_values
 from ..user_code import FORMS, UserCodeError, accepts, import_object, is_import_path
+from ..user_code import display_name as reward_name  # noqa: F401  (what reward code imports from here)
 
 
 class RewardError(ValueError):
@@ -63,10 +64,6 @@ def check_images(images, name: str) -> torch.Tensor:
             "decode with (x / 2 + 0.5).clamp(0, 1)"
         )
     return images
-
-
-def reward_name(fn) -> str:
-    return getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _tensor(value, name: str, what: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from ..user_code import FORMS, UserCodeError, accepts, import_object, is_import_path
+from ..user_code import FORMS, UserCodeError, accepts, display_name, import_object, is_import_path
 
 CYCLE_NOISE_STRIDE = 1_000_000  # slot seeds of different run seeds never meet
 
@@ -154,6 +154,5 @@ def checked_prompt(item, prompt_fn) -> tuple[str, dict]:
     if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
             and isinstance(item[1], dict | None)):
         return item[0], dict(item[1] or {})
-    name = getattr(prompt_fn, "name", None) or getattr(prompt_fn, "__name__", None) or type(prompt_fn).__name__
-    raise TypeError(f"prompt function {name!r} returned {item!r:.100}; return (prompt, metadata): "
+    raise TypeError(f"prompt function {display_name(prompt_fn)!r} returned {item!r:.100}; return (prompt, metadata): "
                     "a string and a dict (or None), or a bare string")
