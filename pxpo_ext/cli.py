@@ -343,7 +343,8 @@ class _TorchvisionFallbackFilter(logging.Filter):
         return "requires torchvision (not installed)" not in record.getMessage()
 
 
-def _quiet_torchvision_fallback() -> None:
+def quiet_torchvision_fallback() -> None:
+    """Installs :class:`_TorchvisionFallbackFilter` (once); every program in ``python/`` calls it first."""
     logger = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
         logger.addFilter(_TorchvisionFallbackFilter())
@@ -382,7 +383,7 @@ def train_main(argv: Sequence[str] | None = None):
     """Parse options, build the pipeline, reward and prompts, train, save the LoRA, print the summary.
 
     Returns the trainer (handy from Python; the script ignores it)."""
-    _quiet_torchvision_fallback()
+    quiet_torchvision_fallback()
     from accelerate import PartialState
 
     from .rewards import UnknownRewardError, get_reward
@@ -509,7 +510,7 @@ def _sample_reward(args, parser):
 
 def sample_main(argv: Sequence[str] | None = None):
     """Render prompts into a grid PNG (``--out``); returns the images ``(N, 3, H, W)`` in ``[0, 1]``."""
-    _quiet_torchvision_fallback()
+    quiet_torchvision_fallback()
     import torch
 
     from .rewards import normalize_output

@@ -12,7 +12,11 @@ Usage (after ``pip install -e .`` in the repository root)::
 
 What it measures and how: :mod:`pxpo_ext.experiments.programs.person` and docs/experiments.md.
 """
-from pxpo_ext.experiments.programs.person import main
+from pxpo_ext.cli import quiet_torchvision_fallback
+
+quiet_torchvision_fallback()  # first: transformers warns while diffusers is imported
+
+from pxpo_ext.experiments.programs.person import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

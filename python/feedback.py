@@ -9,7 +9,11 @@ Usage (after ``pip install -e .`` in the repository root)::
 
 See docs/rewards.md.
 """
-from pxpo_ext.feedback.cli import main
+from pxpo_ext.cli import quiet_torchvision_fallback
+
+quiet_torchvision_fallback()  # first: transformers warns while diffusers is imported
+
+from pxpo_ext.feedback.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,11 @@ Usage (after ``pip install -e .`` in the repository root)::
 The stages and their options are documented in :mod:`pxpo_ext.embedded.pretrain` and
 docs/embedded_model.md.
 """
-from pxpo_ext.embedded.pretrain import main
+from pxpo_ext.cli import quiet_torchvision_fallback
+
+quiet_torchvision_fallback()  # first: transformers warns while diffusers is imported
+
+from pxpo_ext.embedded.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

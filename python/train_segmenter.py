@@ -10,7 +10,11 @@ Usage (after ``pip install -e .`` in the repository root)::
 The data, augmentations and held-out metrics are described in :mod:`pxpo_ext.rewards.segmenter.training`
 and docs/rewards.md.
 """
-from pxpo_ext.rewards.segmenter.training import main
+from pxpo_ext.cli import quiet_torchvision_fallback
+
+quiet_torchvision_fallback()  # first: transformers warns while diffusers is imported
+
+from pxpo_ext.rewards.segmenter.training import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -377,11 +377,25 @@ def test_every_script_only_calls_the_package():
         assert any("pxpo_ext" in ast.unparse(node) for node in tree.body if not isinstance(node, ast.Expr)), script.name
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "python").glob("*.py")))
+def test_every_script_starts_without_the_torchvision_warning(script):
+    # transformers prints it while diffusers is imported, so a script must install the filter before
+    # importing its entry point's module (or go through train_main/sample_main, which import lazily).
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "python" / script), "--help"], capture_output=True, text=True,
+                          cwd=repo, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+    assert "requires torchvision" not in done.stderr, done.stderr[-2000:]
+
+
 def test_the_entry_points_drop_only_transformers_torchvision_fallback_warning(caplog):
     import logging
 
-    cli._quiet_torchvision_fallback()
-    cli._quiet_torchvision_fallback()  # installed once however often an entry point runs
+    cli.quiet_torchvision_fallback()
+    cli.quiet_torchvision_fallback()  # installed once however often an entry point runs
     logger = logging.getLogger("transformers.utils.import_utils")
     assert sum(isinstance(f, cli._TorchvisionFallbackFilter) for f in logger.filters) == 1
     with caplog.at_level(logging.WARNING, logger=logger.name):

@@ -221,17 +221,25 @@ def run_quick(name, tiny_model, tmp_path, *extra):
     return record, out
 
 
-@pytest.mark.parametrize("captions", ["plain", "default-run"])
-def test_sample_efficiency_quick(tiny_model, tmp_path, captions):
-    record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1", "--captions", captions)
+@pytest.mark.parametrize("captions, kl", [("plain", "0"), ("default-run", "0.5")])
+def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl):
+    record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1", "--captions", captions,
+                            "--kl-coef", kl)
     assert record["captions"] == captions and len(set(record["train_prompts"])) > 1
+    assert record["kl_coef"] == float(kl) and record["train_config"]["train_kl_coef"] == float(kl)
+    # Every run's final weights, and the initial model's, were judged on the training captions (1 image each).
+    judged = [record["judged_initial"], *record["judged_final"]["pxpo"], *record["judged_final"]["ddpo"]]
+    assert len(judged) == 5 and all(j["n"] == len(record["train_prompts"]) for j in judged)
+    assert all(0.0 <= j[k] <= 1.0 for j in judged for k in ("background", "dark"))
     assert set(record["queries_to_reach_ddpo_best"]) == {"pxpo", "ddpo"}
     assert record["queries_to_reach_ddpo_best"]["ddpo"] <= record["budget"]  # DDPO reaches its own best
     runs = list(csv.DictReader((out / "sample_efficiency_runs.csv").open()))
     # 2 learning rates x 2 methods at seed 0, then seed 1 for each method (seed 0 reused), 2 epochs each
     assert len(runs) == (2 * 2 + 2) * 2
     assert {r["method"] for r in runs} == {"pxpo", "ddpo"}
-    assert all(r["held_out_reward"] != "" for r in runs)
+    assert all(r["held_out_reward"] != "" and 0.0 <= float(r["judged_background"]) <= 1.0 for r in runs)
+    summary = list(csv.DictReader((out / "sample_efficiency_summary.csv").open()))
+    assert all(float(row["judged_background_before"]) == record["judged_initial"]["background"] for row in summary[:2])
     assert set(record["chosen_lr"]) == {"pxpo", "ddpo"} and record["budget"] == 4.0
     assert (out / "sample_efficiency.png").stat().st_size > 0 and (out / "sample_efficiency_lr_grid.png").exists()
     paired = record["paired_over_seeds"]

@@ -99,6 +99,25 @@ def diversity(images: torch.Tensor, prompts: list[str]) -> dict:
     return {"within_prompt_rms": rms(within), "across_prompt_rms": rms(across), "within_pairs": len(within)}
 
 
+# An image whose mean value is below this is "nearly black": the colour reward's cheapest hack.
+DARK_MEAN = 0.15
+
+
+def judged_fidelity(trainer, prompts: list[str], images_per_prompt: int) -> dict:
+    """What the trainer's current weights draw for ``prompts``: the judge's rates, dark share and reward.
+
+    Each prompt is drawn ``images_per_prompt`` times, with seeds ``0 .. N - 1`` over all images
+    (prompt-major). Returns :func:`prompt_fidelity`'s rates, ``dark`` (the share of images with a
+    mean below :data:`DARK_MEAN`) and ``reward`` (the trainer's reward, mean over the images).
+    """
+    captions = [p for p in prompts for _ in range(images_per_prompt)]
+    seeds = list(range(len(captions)))
+    images = generate(trainer, captions, seeds)
+    rewards = mean_rewards(trainer.reward_fn, images, captions, seeds)
+    dark = float((images.mean(dim=(1, 2, 3)) < DARK_MEAN).float().mean())
+    return {**prompt_fidelity(images, captions), "dark": dark, "reward": sum(rewards) / len(rewards)}
+
+
 def side_effects(images: torch.Tensor, prompts: list[str], mentions: str | None = None) -> dict:
     """Prompt fidelity (all captions, and those that do / do not mention ``mentions``) and diversity."""
     out = {f"fidelity_{k}": v for k, v in prompt_fidelity(images, prompts).items() if k != "n"}

@@ -42,6 +42,7 @@ class RunSpec:
     eval_seeds: list[int] = field(default_factory=list)
     threads: int = 1
     cycle_prompts: bool = False  # True: every epoch walks ``prompts`` in order from fixed noise (CyclingPrompts)
+    judge_images: int = 0  # > 0: after training, draw each of ``prompts`` this many times and judge them
 
     @property
     def learning_rate(self) -> float:
@@ -57,6 +58,7 @@ class RunResult:
     eval_rewards: list[float]  # per evaluation image, after training
     eval_images: torch.Tensor | None  # (N, 3, H, W) in [0, 1], after training
     seconds: float
+    fidelity: dict | None = None  # evaluation.judged_fidelity of the training prompts after training (judge_images)
 
     @property
     def queries(self) -> list[int]:
@@ -101,7 +103,7 @@ def train_run(spec: RunSpec, before: bool = False) -> RunResult | tuple[torch.Te
     ``before=True`` also renders the fixed set under the initial weights and returns
     ``(those images, result)``.
     """
-    from .evaluation import generate
+    from .evaluation import generate, judged_fidelity
 
     torch.set_num_threads(spec.threads)
     start = time.time()
@@ -116,9 +118,10 @@ def train_run(spec: RunSpec, before: bool = False) -> RunResult | tuple[torch.Te
         images, rewards = None, []
         if spec.eval_prompts:
             images, rewards = evaluate_rewards(trainer, trainer.reward_fn, spec.eval_prompts, spec.eval_seeds)
+        judged = judged_fidelity(trainer, spec.prompts, spec.judge_images) if spec.judge_images else None
     finally:
         trainer.close()
-    result = RunResult(spec, curve, rewards, images, time.time() - start)
+    result = RunResult(spec, curve, rewards, images, time.time() - start, judged)
     return (initial, result) if before else result
 
 
@@ -143,5 +146,9 @@ def run_all(specs: list[RunSpec], jobs: int = 1, log=print) -> list[RunResult]:
 
 def _describe(result: RunResult) -> str:
     rewards = result.rewards
+    judged = ""
+    if result.fidelity:
+        f = result.fidelity
+        judged = f"; judged: background {f['background']:.0%}, objects {f['objects']:.0%}, dark {f['dark']:.0%}"
     return (f"[{result.spec.name}] reward {rewards[0]:.4f} -> {rewards[-1]:.4f} over {result.queries[-1]} queries, "
-            f"{result.seconds:.0f} s")
+            f"{result.seconds:.0f} s{judged}")

@@ -30,6 +30,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, runs_dir: str) -> None
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny settings")
 
 
+def add_kl_argument(parser: argparse.ArgumentParser, holds: str) -> None:
+    """``--kl-coef``: the weight of the KL penalty toward the initial model (``train_kl_coef``)."""
+    parser.add_argument("--kl-coef", type=float, default=0.0,
+                        help=f"weight of the KL penalty toward the initial model (train_kl_coef; 0: off), which {holds}")
+
+
 def train_config(args, **overrides) -> dict:
     """The PXPOConfig fields every run of the experiment shares."""
     return {**(QUICK_CONFIG if args.quick else TRAIN_CONFIG), **overrides}

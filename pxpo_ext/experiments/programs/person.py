@@ -44,9 +44,7 @@ def parse_args(argv=None):
                              "(\"remove this\"); 'keep': the region's own colour in the image (the control: \"keep "
                              "this as it is\")")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--kl-coef", type=float, default=0.0,
-                        help="weight of the KL penalty toward the initial model (train_kl_coef; 0: off), which holds "
-                             "back what the marks do not ask to change")
+    settings.add_kl_argument(parser, "holds back what the marks do not ask to change")
     parser.add_argument("--noise-seeds", type=int, default=8,
                         help="samples start from the noises of seeds SEED..SEED+N-1 in turn; with 1 they all share the "
                              "seed's noise and, on the embedded model, differ too little to rank (docs/experiments.md)")

@@ -4,13 +4,18 @@ Both methods get the same reward-query budget (epochs x 16 images), the same 16 
 in every epoch (so the epoch's mean reward moves only with the policy), the same search over the
 learning rate (each value at --grid-seed, chosen by the mean reward of the last two epochs), and
 the same seeds at the chosen rate (a seed's run from the search is reused, not rerun). Two runs
-with the same seed draw the same initial noise in their first epoch. Writes, under --out
+with the same seed draw the same initial noise in their first epoch. A reward that says only "less
+blue" can be gained by breaking the images (black ones score best), so every run's final weights
+then draw each training caption ``--judge-images`` times and :mod:`pxpo_ext.judge` checks them
+against the caption: background as asked, named objects drawn as asked, and the share of nearly
+black images. Writes, under --out
 (default docs/figures):
 
     sample_efficiency.png            mean reward vs queries, band = min..max over seeds
     sample_efficiency_lr_grid.png    the learning-rate search of each method
     sample_efficiency_runs.csv       every run, every epoch
-    sample_efficiency_summary.csv    per method: chosen lr, final reward over seeds, held-out reward; the
+    sample_efficiency_summary.csv    per method: chosen lr, final reward over seeds, held-out reward, the
+                                     judged prompt fidelity of the final weights (before: the initial model's); the
                                      queries PXPO needs to reach DDPO's final reward, and both need to
                                      reach DDPO's best; PXPO - DDPO seed by seed (final, mean over the
                                      run, held out) with a 95% bootstrap interval over seeds
@@ -26,7 +31,7 @@ import math
 from pathlib import Path
 
 from pxpo_ext.experiments import curves, figures, settings
-from pxpo_ext.experiments.evaluation import eval_set
+from pxpo_ext.experiments.evaluation import eval_set, judged_fidelity
 from pxpo_ext.experiments.runs import RunSpec, evaluate_rewards, make_trainer, run_all
 from pxpo_ext.scenes import prompts as scene_prompts
 from pxpo_ext.trainer.prompts import get_prompt_fn
@@ -50,10 +55,22 @@ def parse_args(argv=None):
                         help="minibatches per optimiser step (2 = one step per 16-image epoch, as the default run)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (worker processes)")
     parser.add_argument("--eval-prompts", type=int, default=8, help="held-out prompts (2 seeds each) scored after training")
+    parser.add_argument("--judge-images", type=int, default=2,
+                        help="images per training caption drawn after training and judged for prompt fidelity (0: skip)")
+    settings.add_kl_argument(parser, "holds the images near the initial model's (both methods)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.lrs, args.seeds, args.eval_prompts = 2, args.lrs[:2], args.seeds[:2], 2
+        args.judge_images = min(args.judge_images, 1)
     return args
+
+
+JUDGED = ("background", "objects", "all", "dark", "reward")
+
+
+def _judged_columns(judged: dict | None, suffix: str = "") -> dict:
+    """``judged_<rate><suffix>`` columns of a judged fidelity (evaluation.judged_fidelity); none when not judged."""
+    return {f"judged_{k}{suffix}": judged[k] for k in JUDGED} if judged else {}
 
 
 def main(argv=None):
@@ -61,7 +78,7 @@ def main(argv=None):
     record, out = settings.start("sample_efficiency", args, argv)
     runs_dir = Path(args.runs_dir)
     config = settings.train_config(args, train_timestep_fraction=args.timestep_fraction,
-                                   train_gradient_accumulation_steps=args.accumulation)
+                                   train_gradient_accumulation_steps=args.accumulation, train_kl_coef=args.kl_coef)
     samples_per_epoch = config["sample_batch_size"] * config["sample_num_batches_per_epoch"]
     if args.captions == "plain":
         train_prompts = scene_prompts(samples_per_epoch, seed=7, max_objects=1, two_tone=False)
@@ -75,28 +92,31 @@ def main(argv=None):
                        output_dir=str(runs_dir / phase / f"{method}_lr{lr:g}_s{seed}"), prompts=train_prompts,
                        cycle_prompts=True,
                        reward="colour", model=args.model, config={**config, "train_learning_rate": lr},
-                       eval_prompts=eval_prompts, eval_seeds=eval_seeds, threads=threads)
+                       eval_prompts=eval_prompts, eval_seeds=eval_seeds, threads=threads,
+                       judge_images=args.judge_images)
 
-    # The initial model's held-out reward (the same for every run).
+    # The initial model's held-out reward and judged fidelity (the same for every run).
     initial = make_trainer(spec("pxpo", args.lrs[0], args.grid_seed, "initial"))
     _, initial_eval = evaluate_rewards(initial, initial.reward_fn, eval_prompts, eval_seeds)
+    initial_judged = judged_fidelity(initial, train_prompts, args.judge_images) if args.judge_images else {}
     initial.close()
 
     grid_results = run_all([spec(m, lr, args.grid_seed, "grid") for m in METHODS for lr in args.lrs], args.jobs)
     grid_scores = {m: {r.spec.learning_rate: curves.final_reward(r.rewards) for r in grid_results
                        if r.spec.algorithm == m} for m in METHODS}
     chosen = {m: curves.best_setting(grid_scores[m]) for m in METHODS}
-    print(f"learning-rate search (final reward, seed {args.grid_seed}): {grid_scores}")
+    print(f"learning-rate search (final reward, seed {args.grid_seed}; chosen by reward alone): {grid_scores}")
     reused = {(r.spec.algorithm, r.spec.seed): r for r in grid_results if r.spec.learning_rate == chosen[r.spec.algorithm]}
     fresh = run_all([spec(m, chosen[m], s, "seeds") for m in METHODS for s in args.seeds if (m, s) not in reused],
                     args.jobs)
     queue = list(fresh)
     seed_results = [reused.get((m, s)) or queue.pop(0) for m in METHODS for s in args.seeds]
 
-    # Each run's held-out reward rides on its rows, so that the CSV alone allows a re-analysis seed by seed.
+    # Each run's held-out reward and judged fidelity ride on its rows, so that the CSV alone allows a
+    # re-analysis seed by seed.
     rows = [{"phase": r.spec.name.split("-")[0], "method": r.spec.algorithm, "lr": r.spec.learning_rate,
-             "seed": r.spec.seed, **point, "run_seconds": round(r.seconds, 1),
-             "held_out_reward": r.eval_reward}
+             "seed": r.spec.seed, "kl_coef": args.kl_coef, **point, "run_seconds": round(r.seconds, 1),
+             "held_out_reward": r.eval_reward, **_judged_columns(r.fidelity)}
             for r in grid_results + fresh for point in r.curve]
     figures.write_csv(out / "sample_efficiency_runs.csv", rows)
 
@@ -131,6 +151,7 @@ def main(argv=None):
     for m in METHODS:
         runs = [r for r in seed_results if r.spec.algorithm == m]
         held_out = held_outs[m]
+        judged = {k: sum(r.fidelity[k] for r in runs) / len(runs) for k in JUDGED} if args.judge_images else None
         summary.append({
             "method": m, "chosen_lr": chosen[m], "lrs_tried": " ".join(f"{lr:g}" for lr in args.lrs),
             "seeds": " ".join(str(s) for s in args.seeds), "queries": int(budget),
@@ -141,6 +162,7 @@ def main(argv=None):
             "held_out_reward_after_mean": sum(held_out) / len(held_out),
             "held_out_reward_after_min": min(held_out), "held_out_reward_after_max": max(held_out),
             "run_seconds_mean": sum(r.seconds for r in runs) / len(runs),
+            **_judged_columns(initial_judged, "_before"), **_judged_columns(judged, "_mean"),
         })
     summary.append({"method": "pxpo queries to reach ddpo's final reward", "queries": reach,
                     "final_reward_mean": ddpo_final, "chosen_lr": None,
@@ -163,7 +185,9 @@ def main(argv=None):
     figures.save_png(figures.lr_grid_figure(grid), out / "sample_efficiency_lr_grid.png")
 
     record.add(seeds={"lr_search": args.grid_seed, "final": args.seeds}, epochs=args.epochs, captions=args.captions,
-               samples_per_epoch=samples_per_epoch, train_prompts=train_prompts,
+               samples_per_epoch=samples_per_epoch, train_prompts=train_prompts, kl_coef=args.kl_coef,
+               judge_images=args.judge_images, judged_initial=initial_judged,
+               judged_final={m: [r.fidelity for r in seed_results if r.spec.algorithm == m] for m in METHODS},
                train_config=config, lr_search=grid_scores, chosen_lr=chosen, ddpo_final_reward=ddpo_final,
                pxpo_queries_to_reach_ddpo_final=reach, pxpo_per_seed_queries_to_reach=per_seed_reach,
                budget=budget, ddpo_improved=ddpo_improved, query_gain=gain, ddpo_best_reward=ddpo_best,
@@ -178,6 +202,11 @@ def main(argv=None):
     for name, d in paired.items():
         print(f"PXPO - DDPO, {name.replace('_', ' ')}: {d['mean']:+.4f} (95% bootstrap interval over seeds "
               f"{d['ci_low']:+.4f} to {d['ci_high']:+.4f}); PXPO higher in {d['a_higher']} of {d['seeds']} seeds")
+    for row in summary[:len(METHODS)]:
+        if args.judge_images:
+            print(f"{row['method'].upper()} judged on the training captions ({args.judge_images} images each): "
+                  + ", ".join(f"{k} {row[f'judged_{k}_before']:.3f} -> {row[f'judged_{k}_mean']:.3f}" for k in JUDGED)
+                  + " (initial model -> mean of the seeds' final weights)")
     if ddpo_improved:
         print(f"PXPO needs {gain:.2f}x fewer queries to reach DDPO's final reward")
     else:
