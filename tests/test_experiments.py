@@ -19,7 +19,7 @@ from pxpo_ext.experiments.evaluation import (
     min_circle_pixels,
 )
 from pxpo_ext.rewards import RewardOutput
-from pxpo_ext.scenes import COLOURS, SceneGenerator
+from pxpo_ext.scenes import COLOURS, SHAPES, SceneGenerator
 from pxpo_ext.trainer.prompts import CyclingPrompts, get_prompt_fn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,6 +190,23 @@ def test_extra_object_is_what_the_caption_does_not_name_and_the_rest_is_judged_o
     assert person.background_colour(only_first) == scene.background[0]
     with pytest.raises(ValueError, match="two-tone background"):
         person.background_colour("a red circle on a white and blue background")
+
+
+def test_a_named_object_drawn_in_the_wrong_shape_is_not_extra():
+    scene = next(sc for sc in (SceneGenerator(image_size=64, seed=7).sample(i) for i in range(200))
+                 if len(sc.objects) == 2 and len(sc.background) == 1 and sc.objects[0]["colour"] != sc.objects[1]["colour"])
+    image = torch.as_tensor(scene.image)
+    first, second = scene.objects
+    other_shape = next(shape for shape in SHAPES if shape != first["shape"])
+    # The caption asks for the first object in another shape: what is there is that object, misdrawn.
+    misdrawn = f"a {first['colour']} {other_shape} and a {second['colour']} {second['shape']} on a {scene.background[0]} background"
+    with pytest.raises(ValueError, match="nothing in this image beyond"):
+        person.extra_object(image, misdrawn)
+    # Named in the wrong colour, it is extra.
+    recoloured = next(c for c in COLOURS if c not in (first["colour"], second["colour"], scene.background[0]))
+    region, _ = person.extra_object(image, f"a {recoloured} {first['shape']} and a {second['colour']} {second['shape']} "
+                                           f"on a {scene.background[0]} background")
+    assert torch.equal(region.bool(), torch.as_tensor(first["mask"]))
 
 
 def test_write_csv_unions_the_columns(tmp_path):

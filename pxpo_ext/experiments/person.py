@@ -73,11 +73,22 @@ def target_region(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]
 
 def extra_object(image: torch.Tensor, caption: str) -> tuple[torch.Tensor, str]:
     """The region a person would point at to remove what the prompt did not ask for: the first object the judge
-    finds once every object the caption names has been matched to one found object of its colour and shape."""
+    finds that is none of the caption's objects.
+
+    Each named object is matched to one found object: first one of its colour and shape, then, for a named
+    object still unmatched, one of its colour in another shape (the named object drawn in the wrong shape,
+    which a person would not call extra)."""
     wanted = [tuple(o) for o in parse_caption(caption)["objects"]]
+    unmatched = []
     for obj in detect_objects(image):
         if (obj["colour"], obj["shape"]) in wanted:
             wanted.remove((obj["colour"], obj["shape"]))
+        else:
+            unmatched.append(obj)
+    for obj in unmatched:
+        misdrawn = next((w for w in wanted if w[0] == obj["colour"]), None)
+        if misdrawn is not None:
+            wanted.remove(misdrawn)
             continue
         name = f"{obj['colour']} {obj['shape']}"
         return obj["mask"].float(), f"the {name} the judge found, which the caption does not name"
