@@ -178,7 +178,8 @@ def main(argv=None):
     figures.save_png(figures.efficiency_figure(
         {f"{m.upper()} (lr {chosen[m]:g})": stacked[m] for m in METHODS}, target=ddpo_final,
         reach=reach if ddpo_improved else None,  # reaching a level below DDPO's own start measures nothing
-        title=f"colour task (less blue), {len(args.seeds)} seeds, band: min to max over seeds"),
+        title=f"colour task (less blue){f', KL {args.kl_coef:g}' if args.kl_coef else ''}, {len(args.seeds)} seeds, "
+              "band: min to max over seeds"),
         out / "sample_efficiency.png")
     grid = {m.upper(): {r.spec.learning_rate: (r.queries, r.rewards) for r in grid_results if r.spec.algorithm == m}
             for m in METHODS}
