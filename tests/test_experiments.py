@@ -209,6 +209,49 @@ def test_a_named_object_drawn_in_the_wrong_shape_is_not_extra():
     assert torch.equal(region.bool(), torch.as_tensor(first["mask"]))
 
 
+_ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pxpo_ext.experiments.runs import exit_with_parent
+
+def busy(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(), 0.1))
+    pool.submit(busy, sys.argv[1])
+    while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():
+        time.sleep(0.05)
+    os._exit(0)  # the parent dies mid-task, as under `kill PID`
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_pool_workers_end_with_their_parent(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script, pid_file = tmp_path / "orphan.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHAN_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(pid_file)], check=True, timeout=120)
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def running() -> bool:  # a zombie has ended; only its exit status waits to be read
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.time() + 20
+    while running() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(), "the pool's worker kept running after its parent died"
+
+
 def test_write_csv_unions_the_columns(tmp_path):
     path = figures.write_csv(tmp_path / "x.csv", [{"a": 1, "b": 0.5}, {"a": 2, "c": float("nan")}])
     rows = list(csv.DictReader(path.open()))

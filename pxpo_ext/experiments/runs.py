@@ -8,6 +8,8 @@ worker processes; :func:`run_all` runs them ``jobs`` at a time. Two specs that d
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -125,6 +127,19 @@ def train_run(spec: RunSpec, before: bool = False) -> RunResult | tuple[torch.Te
     return (initial, result) if before else result
 
 
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Worker initializer: end this process once ``parent_pid`` is gone.
+
+    A pool's workers are not the parent's threads: killed alone (``kill PID``), the parent leaves
+    them training for minutes, competing for the CPU with whatever runs next."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def run_all(specs: list[RunSpec], jobs: int = 1, log=print) -> list[RunResult]:
     """Every spec's result, in order; ``jobs > 1`` runs them in that many spawned worker processes."""
     for spec in specs:
@@ -135,7 +150,8 @@ def run_all(specs: list[RunSpec], jobs: int = 1, log=print) -> list[RunResult]:
             results.append(train_run(spec))
             log(_describe(results[-1]))
         return results
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(train_run, spec) for spec in specs]
         results = []
         for future in futures:
