@@ -21,7 +21,7 @@ import logging
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -463,11 +463,7 @@ def build_sample_parser() -> argparse.ArgumentParser:
                         help="DDIM eta; 0 is deterministic DDIM (default: %(default)s, as in training)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels (default: the model's native size)")
-    parser.add_argument("--reward", default=None,
-                        help="a registered reward, or your own as package.module:name or file.py:name: "
-                             "overlay its heatmap and print each image's mean reward")
-    parser.add_argument("--reward-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="options for --reward, as key=value pairs or one JSON object")
+    add_reward_arguments(parser, None, "overlay its heatmap and print each image's mean reward")
     parser.add_argument("--batch-size", type=int, default=8, help="images rendered at once (default: 8)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
@@ -488,11 +484,18 @@ def _read_prompts(args, parser) -> list[str]:
     return prompts
 
 
-def _sample_reward(args, parser):
-    if args.reward is None:
-        if args.reward_kwargs:
-            parser.error("--reward-kwargs needs --reward")
-        return None
+def add_reward_arguments(parser: argparse.ArgumentParser, default: str | None, purpose: str) -> None:
+    """``--reward`` (a registered name or an import path) and ``--reward-kwargs``, read by :func:`build_reward`."""
+    parser.add_argument("--reward", default=default,
+                        help=f"a registered reward, or your own as package.module:name or file.py:name: {purpose}"
+                             + (" (default: %(default)s)" if default else ""))
+    parser.add_argument("--reward-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="options for --reward, as key=value pairs or one JSON object")
+
+
+def build_reward(args, parser) -> tuple[Callable, dict]:
+    """``(reward function, options)`` from ``--reward`` and ``--reward-kwargs``; an unknown name, a bad
+    import path or options the reward rejects end the program with a one-line error."""
     from .rewards import UnknownRewardError, get_reward
 
     tokens = args.reward_kwargs
@@ -501,11 +504,19 @@ def _sample_reward(args, parser):
             options = _coerce(tokens[0], _FieldType("dict"), "--reward-kwargs")
         else:
             options = _pairs_to_dict(tokens, "reward_kwargs")
-        return get_reward(args.reward, **options)
+        return get_reward(args.reward, **options), options
     except (UnknownRewardError, UserCodeError) as err:  # the message lists the names, or says what to write
         parser.error(err.args[0])
     except (TypeError, ValueError) as err:  # ConfigError and the reward's own RewardError are ValueErrors
         parser.error(f"reward {args.reward!r}: {err}")
+
+
+def _sample_reward(args, parser):
+    if args.reward is None:
+        if args.reward_kwargs:
+            parser.error("--reward-kwargs needs --reward")
+        return None
+    return build_reward(args, parser)[0]
 
 
 def sample_main(argv: Sequence[str] | None = None):

@@ -281,11 +281,24 @@ def run_quick(name, tiny_model, tmp_path, *extra):
     return record, out
 
 
-@pytest.mark.parametrize("captions, kl", [("plain", "0"), ("default-run", "0.5")])
-def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl):
+CONSTANT_REWARD = """
+import torch
+
+def quarter(images, prompts, metadata):
+    return torch.full((images.shape[0], *images.shape[2:]), 0.25)
+"""
+
+
+@pytest.mark.parametrize("captions, kl, own_reward", [("plain", "0", False), ("default-run", "0.5", True)])
+def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl, own_reward):
+    reward = []
+    if own_reward:  # any reward, named on the command line as train.py takes it
+        (tmp_path / "my_reward.py").write_text(CONSTANT_REWARD)
+        reward = ["--reward", f"{tmp_path / 'my_reward.py'}:quarter"]
     record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1", "--captions", captions,
-                            "--kl-coef", kl)
+                            "--kl-coef", kl, *reward)
     assert record["captions"] == captions and len(set(record["train_prompts"])) > 1
+    assert record["reward"] == (reward[1] if own_reward else "colour") and record["reward_kwargs"] == {}
     assert record["kl_coef"] == float(kl) and record["train_config"]["train_kl_coef"] == float(kl)
     # Every run's final weights, and the initial model's, were judged on the training captions (1 image each).
     judged = [record["judged_initial"], *record["judged_final"]["pxpo"], *record["judged_final"]["ddpo"]]
@@ -298,6 +311,8 @@ def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl):
     assert len(runs) == (2 * 2 + 2) * 2
     assert {r["method"] for r in runs} == {"pxpo", "ddpo"}
     assert all(r["held_out_reward"] != "" and 0.0 <= float(r["judged_background"]) <= 1.0 for r in runs)
+    if own_reward:  # every run learned from it
+        assert {float(r["reward_mean"]) for r in runs} == {0.25} and {float(r["held_out_reward"]) for r in runs} == {0.25}
     summary = list(csv.DictReader((out / "sample_efficiency_summary.csv").open()))
     assert all(float(row["judged_background_before"]) == record["judged_initial"]["background"] for row in summary[:2])
     assert set(record["chosen_lr"]) == {"pxpo", "ddpo"} and record["budget"] == 4.0

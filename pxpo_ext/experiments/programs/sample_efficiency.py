@@ -1,11 +1,12 @@
-"""Sample efficiency on the colour task ("less blue"): PXPO against DDPO from the same initial model.
+"""Sample efficiency on the colour task ("less blue"), or any reward: PXPO against DDPO from the same initial model.
 
 Both methods get the same reward-query budget (epochs x 16 images), the same 16 training captions
 in every epoch (so the epoch's mean reward moves only with the policy), the same search over the
 learning rate (each value at --grid-seed, chosen by the mean reward of the last two epochs), and
 the same seeds at the chosen rate (a seed's run from the search is reused, not rerun). Two runs
-with the same seed draw the same initial noise in their first epoch. A reward that says only "less
-blue" can be gained by breaking the images (black ones score best), so every run's final weights
+with the same seed draw the same initial noise in their first epoch. ``--reward`` replaces the
+colour reward with any other, registered or your own (``file.py:name``). A reward that says only
+"less blue" can be gained by breaking the images (black ones score best), so every run's final weights
 then draw each training caption ``--judge-images`` times and :mod:`pxpo_ext.judge` checks them
 against the caption: background as asked, named objects drawn as asked, and the share of nearly
 black images. Writes, under --out
@@ -30,6 +31,7 @@ import argparse
 import math
 from pathlib import Path
 
+from pxpo_ext.cli import add_reward_arguments, build_reward
 from pxpo_ext.experiments import curves, figures, settings
 from pxpo_ext.experiments.evaluation import eval_set, judged_fidelity
 from pxpo_ext.experiments.runs import RunSpec, evaluate_rewards, make_trainer, run_all
@@ -58,7 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--judge-images", type=int, default=2,
                         help="images per training caption drawn after training and judged for prompt fidelity (0: skip)")
     settings.add_kl_argument(parser, "holds the images near the initial model's (both methods)")
+    add_reward_arguments(parser, "colour", "the per-pixel feedback both methods learn from")
     args = parser.parse_args(argv)
+    args.reward_options = build_reward(args, parser)[1]
     if args.quick:
         args.epochs, args.lrs, args.seeds, args.eval_prompts = 2, args.lrs[:2], args.seeds[:2], 2
         args.judge_images = min(args.judge_images, 1)
@@ -71,6 +75,14 @@ JUDGED = ("background", "objects", "all", "dark", "reward")
 def _judged_columns(judged: dict | None, suffix: str = "") -> dict:
     """``judged_<rate><suffix>`` columns of a judged fidelity (evaluation.judged_fidelity); none when not judged."""
     return {f"judged_{k}{suffix}": judged[k] for k in JUDGED} if judged else {}
+
+
+def _task(args) -> str:
+    """The figure's name for what is learned: the default colour task, or the reward and its options."""
+    if args.reward == "colour" and not args.reward_options:
+        return "colour task (less blue)"
+    options = ", ".join(f"{k}={v}" for k, v in args.reward_options.items())
+    return f"reward {args.reward}" + (f" ({options})" if options else "")
 
 
 def main(argv=None):
@@ -91,7 +103,7 @@ def main(argv=None):
         return RunSpec(name=f"{phase}-{method}-lr{lr:g}-s{seed}", algorithm=method, seed=seed, epochs=args.epochs,
                        output_dir=str(runs_dir / phase / f"{method}_lr{lr:g}_s{seed}"), prompts=train_prompts,
                        cycle_prompts=True,
-                       reward="colour", model=args.model, config={**config, "train_learning_rate": lr},
+                       reward=args.reward, reward_kwargs=args.reward_options, model=args.model, config={**config, "train_learning_rate": lr},
                        eval_prompts=eval_prompts, eval_seeds=eval_seeds, threads=threads,
                        judge_images=args.judge_images)
 
@@ -178,7 +190,7 @@ def main(argv=None):
     figures.save_png(figures.efficiency_figure(
         {f"{m.upper()} (lr {chosen[m]:g})": stacked[m] for m in METHODS}, target=ddpo_final,
         reach=reach if ddpo_improved else None,  # reaching a level below DDPO's own start measures nothing
-        title=f"colour task (less blue){f', KL {args.kl_coef:g}' if args.kl_coef else ''}, {len(args.seeds)} seeds, "
+        title=f"{_task(args)}{f', KL {args.kl_coef:g}' if args.kl_coef else ''}, {len(args.seeds)} seeds, "
               "band: min to max over seeds"),
         out / "sample_efficiency.png")
     grid = {m.upper(): {r.spec.learning_rate: (r.queries, r.rewards) for r in grid_results if r.spec.algorithm == m}
@@ -187,6 +199,7 @@ def main(argv=None):
 
     record.add(seeds={"lr_search": args.grid_seed, "final": args.seeds}, epochs=args.epochs, captions=args.captions,
                samples_per_epoch=samples_per_epoch, train_prompts=train_prompts, kl_coef=args.kl_coef,
+               reward=args.reward, reward_kwargs=args.reward_options,
                judge_images=args.judge_images, judged_initial=initial_judged,
                judged_final={m: [r.fidelity for r in seed_results if r.spec.algorithm == m] for m in METHODS},
                train_config=config, lr_search=grid_scores, chosen_lr=chosen, ddpo_final_reward=ddpo_final,
