@@ -9,6 +9,7 @@ from pxpo_ext.scenes import COLOURS
 from pxpo_ext.trainer.prompts import get_prompt_fn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_feedback.py"
+CAPTION_COLOURS = Path(__file__).resolve().parents[1] / "examples" / "caption_colours.py"
 
 
 def test_the_example_prompts_carry_their_background_and_cycle():
@@ -39,6 +40,22 @@ def test_the_example_reward_marks_the_object_and_leaves_the_background_unmarked(
     assert out.weight.sum(dim=(1, 2)).tolist() == [4.0, 4.0]  # only the object's pixels have feedback
     on_object = out.reward[:, 2:4, 2:4].mean(dim=(1, 2))
     assert on_object[0] == 0 and on_object[1] < -0.3  # the yellow object already is the target
+
+
+def test_caption_colours_scores_named_colours_up_and_others_down():
+    from pxpo_ext.scenes import SceneGenerator
+
+    reward = get_reward(f"{CAPTION_COLOURS}:caption_colours")
+    scene = next(sc for sc in (SceneGenerator(image_size=32, seed=3).sample(i) for i in range(50))
+                 if len(sc.background) == 1 and "black" not in sc.caption)
+    drawn = torch.as_tensor(scene.image).float().unsqueeze(0)
+    black = torch.zeros_like(drawn)
+    out = reward(torch.cat([drawn, black]), [scene.caption] * 2, [{}] * 2)
+    assert isinstance(out, RewardOutput) and out.reward.shape == (2, 32, 32)
+    labelled = out.weight[0] > 0
+    # The generator's own image: every labelled pixel is a colour the caption names.
+    assert labelled.float().mean() > 0.9 and (out.reward[0][labelled] == 1).all()
+    assert (out.reward[1] == -1).all() and (out.weight[1] == 1).all()  # black, which the caption does not name
 
 
 def test_train_py_runs_the_example_as_its_docstring_says(tiny_model, tmp_path):

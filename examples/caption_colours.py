@@ -1,0 +1,33 @@
+"""A per-pixel reward that the prompt does not contradict: draw only the colours the caption names.
+
+    python python/experiment_sample_efficiency.py --captions default-run --reward examples/caption_colours.py:caption_colours
+    python python/train.py --reward examples/caption_colours.py:caption_colours
+
+For the embedded model's scene captions ("a red circle and a yellow star on a white background"):
+every pixel whose nearest palette colour is one the caption names (background or object) scores +1,
+every pixel of a palette colour the caption does not name scores -1, and pixels near no palette
+colour (blurred edges, smudges) get no feedback (weight 0). Unlike "less blue", no image scores
+better than one that shows exactly what its caption asks; a black image scores -1 unless the
+caption names black. What it does not reward: shapes, or an object being there at all (an erased
+object becomes background, which also scores +1), so judge the results (`pxpo_ext.judge`), as the
+sample-efficiency program does.
+"""
+import torch
+
+from pxpo_ext.judge import segment_colours
+from pxpo_ext.rewards import RewardOutput, check_images
+from pxpo_ext.scenes import COLOURS, parse_caption
+
+_INDEX = {name: i for i, name in enumerate(COLOURS)}  # segment_colours labels index list(COLOURS)
+
+
+def caption_colours(images, prompts, metadata) -> RewardOutput:
+    check_images(images, "caption_colours")
+    rewards, weights = [], []
+    for image, prompt in zip(images.float().cpu(), prompts):
+        scene = parse_caption(prompt)
+        named = [_INDEX[c] for c in scene["background"]] + [_INDEX[c] for c, _ in scene["objects"]]
+        labels = torch.from_numpy(segment_colours(image))
+        rewards.append(torch.where(torch.isin(labels, torch.tensor(named)), 1.0, -1.0))
+        weights.append((labels >= 0).float())
+    return RewardOutput(reward=torch.stack(rewards), weight=torch.stack(weights))
