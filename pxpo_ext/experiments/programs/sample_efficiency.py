@@ -62,7 +62,8 @@ def parse_args(argv=None):
     settings.add_kl_argument(parser, "holds the images near the initial model's (both methods)")
     add_reward_arguments(parser, "colour", "the per-pixel feedback both methods learn from")
     args = parser.parse_args(argv)
-    args.reward_options = build_reward(args, parser)[1]
+    # Built here so that a bad reward stops the program before any run; the initial model's trainer reuses it.
+    args.reward_fn, args.reward_options = build_reward(args, parser)
     if args.quick:
         args.epochs, args.lrs, args.seeds, args.eval_prompts = 2, args.lrs[:2], args.seeds[:2], 2
         args.judge_images = min(args.judge_images, 1)
@@ -103,12 +104,13 @@ def main(argv=None):
         return RunSpec(name=f"{phase}-{method}-lr{lr:g}-s{seed}", algorithm=method, seed=seed, epochs=args.epochs,
                        output_dir=str(runs_dir / phase / f"{method}_lr{lr:g}_s{seed}"), prompts=train_prompts,
                        cycle_prompts=True,
-                       reward=args.reward, reward_kwargs=args.reward_options, model=args.model, config={**config, "train_learning_rate": lr},
+                       reward=args.reward, reward_kwargs=args.reward_options, model=args.model,
+                       config={**config, "train_learning_rate": lr},
                        eval_prompts=eval_prompts, eval_seeds=eval_seeds, threads=threads,
                        judge_images=args.judge_images)
 
     # The initial model's held-out reward and judged fidelity (the same for every run).
-    initial = make_trainer(spec("pxpo", args.lrs[0], args.grid_seed, "initial"))
+    initial = make_trainer(spec("pxpo", args.lrs[0], args.grid_seed, "initial"), reward_fn=args.reward_fn)
     _, initial_eval = evaluate_rewards(initial, initial.reward_fn, eval_prompts, eval_seeds)
     initial_judged = judged_fidelity(initial, train_prompts, args.judge_images) if args.judge_images else {}
     initial.close()
