@@ -140,8 +140,9 @@ def _area_range(height: int, width: int) -> tuple[float, float]:
     return 0.5 * smallest, 1.5 * largest
 
 
-def _colour_regions(labels: np.ndarray, colour: str) -> tuple[bool, list[tuple[np.ndarray, str | None]]]:
-    """(whether any pixel has ``colour``, [(region, its shape or None) for its regions of plausible size])."""
+def colour_regions(labels: np.ndarray, colour: str) -> tuple[bool, list[tuple[np.ndarray, str | None]]]:
+    """(whether any pixel of ``labels`` (:func:`segment_colours`) has ``colour``, [(region, its shape or None)
+    for its connected regions of plausible size]); the regions are (H, W) bool masks."""
     low, high = _area_range(*labels.shape)
     regions = connected_components(labels == _NAMES.index(colour))
     return bool(regions), [(r, classify_shape(r)) for r in regions if low <= r.sum() <= high]
@@ -151,11 +152,11 @@ def detect_objects(image) -> list[dict]:
     """Every plausible object in an image: dicts of ``colour``, ``shape`` and ``mask`` ((H, W) bool tensor)."""
     labels = segment_colours(image)
     return [{"colour": colour, "shape": shape, "mask": torch.from_numpy(region)}
-            for colour in _NAMES for region, shape in _colour_regions(labels, colour)[1] if shape is not None]
+            for colour in _NAMES for region, shape in colour_regions(labels, colour)[1] if shape is not None]
 
 
 def _outcome(labels: np.ndarray, colour: str, shape: str) -> str:
-    present, regions = _colour_regions(labels, colour)
+    present, regions = colour_regions(labels, colour)
     if not present:
         return "colour absent"
     if not regions:

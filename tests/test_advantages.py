@@ -110,3 +110,20 @@ def test_shape_errors_are_explained():
         tracker.update(["a"], torch.zeros(1, 3, 3), torch.ones(1, 3, 3))
     with pytest.raises(ValueError, match="baseline"):
         StatTracker(baseline="pixel")
+
+
+def test_std_floor_shrinks_the_advantages_of_a_group_that_barely_differs():
+    # A saturated reward: maps within 1e-3 of each other. Without a floor their differences become
+    # full-size advantages; with a floor above their spread they stay in proportion to the floor.
+    r = 0.98 + 1e-3 * torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(0))
+    w = torch.ones_like(r)
+    plain = StatTracker(per_prompt=False, adv_clip_max=100.0).update(["p"] * 4, r, w)
+    floored = StatTracker(per_prompt=False, adv_clip_max=100.0, std_floor=0.1).update(["p"] * 4, r, w)
+    assert plain.std() > 0.9
+    torch.testing.assert_close(floored, (r - r.mean()) / (0.1 + EPS))
+    # A spread above the floor is normalised as without one.
+    wide = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(StatTracker(per_prompt=False, adv_clip_max=100.0, std_floor=0.1).update(["p"] * 4, wide, w),
+                               StatTracker(per_prompt=False, adv_clip_max=100.0).update(["p"] * 4, wide, w))
+    with pytest.raises(ValueError, match="std_floor must be >= 0"):
+        StatTracker(std_floor=-1.0)

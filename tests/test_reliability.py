@@ -321,6 +321,7 @@ def test_mismatched_devices_are_named():
     ({"train_adam_weight_decay": -1.0}, ValueError, "train_adam_weight_decay must be a finite number >= 0"),
     ({"train_max_grad_norm": float("inf")}, ValueError, "train_max_grad_norm must be a finite number >= 0"),
     ({"train_adv_clip_max": 0.0}, ValueError, "train_adv_clip_max must be a finite number > 0"),
+    ({"advantage_std_floor": -0.1}, ValueError, "advantage_std_floor must be a finite number >= 0"),
     ({"lora_alpha": -4.0}, ValueError, "lora_alpha must be a finite number > 0"),
     ({"train_lr_warmup_steps": -1}, ValueError, "train_lr_warmup_steps must be an integer >= 0"),
     ({"resolution": 4}, ValueError, "resolution must be at least 8 pixels"),

@@ -15,8 +15,10 @@ from pxpo_ext.rewards import (
 from pxpo_ext.rewards.colour import srgb_to_lab
 from pxpo_ext.rewards.scalar import jpeg_size_kb
 
-BUILT_IN = {"colour", "segmentation", "remove_circles", "human", "jpeg_compressibility", "jpeg_incompressibility",
-            "scalar"}
+BUILT_IN = {"colour", "segmentation", "remove_circles", "scene_alignment", "human", "jpeg_compressibility",
+            "jpeg_incompressibility", "scalar"}
+# A scene caption (scene_alignment scores only those); every other reward ignores the prompt.
+PROMPT = "a red circle on a white background"
 
 
 def mean_brightness(images, prompts, metadata):
@@ -205,7 +207,7 @@ def every_reward(tmp_path_factory):
 def test_every_reward_accepts_good_images(every_reward):
     images = torch.rand(2, 3, 16, 16)
     for name, reward in every_reward.items():
-        out = normalize_output(reward(images, ["a red circle"] * 2, [{}, {}]), name, 2, (16, 16))
+        out = normalize_output(reward(images, [PROMPT] * 2, [{}, {}]), name, 2, (16, 16))
         assert torch.isfinite(out.reward).all(), name
 
 
@@ -227,6 +229,6 @@ def test_every_reward_refuses_bad_images_naming_itself(every_reward, case):
     make, message = BAD_IMAGES[case]
     for name, reward in every_reward.items():
         with pytest.raises(RewardError) as error:
-            reward(make(), ["a red circle"] * 2, [{}, {}])
+            reward(make(), [PROMPT] * 2, [{}, {}])
         assert repr(reward.name) in str(error.value), (name, str(error.value))
         assert message in str(error.value), (name, str(error.value))

@@ -1,7 +1,7 @@
 """Reward functions: per-pixel feedback sources (colour, segmentation, a person) and DDPO's scalars.
 
 Importing this package registers every built-in reward by name (``get_reward(name, **options)``):
-``colour`` (the default: less blue), ``segmentation``, ``remove_circles``, ``human``,
+``colour`` (the default: less blue), ``segmentation``, ``remove_circles``, ``scene_alignment``, ``human``,
 ``jpeg_compressibility``, ``jpeg_incompressibility`` and ``scalar``. See docs/rewards.md.
 """
 from .base import (
@@ -17,6 +17,7 @@ from .base import (
 from .colour import ColourReward
 from .human import HumanFeedbackReward, feedback_from_masks, marks_to_maps
 from .scalar import JpegReward, scalar_reward
+from .scene import SceneAlignmentReward
 from .segmentation import SegmentationReward, from_transformers
 from .segmenter import load_segmenter
 
@@ -26,6 +27,7 @@ __all__ = [
     "JpegReward",
     "RewardError",
     "RewardOutput",
+    "SceneAlignmentReward",
     "SegmentationReward",
     "UnknownRewardError",
     "available_rewards",

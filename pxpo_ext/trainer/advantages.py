@@ -7,7 +7,10 @@ current batch. With ``baseline="group"`` (the default)
 
     A = clip((r - mu) / (sd + 1e-6), -A_max, A_max)
 
-with ``mu``, ``sd`` the weighted mean and standard deviation over every pixel of the group.
+with ``mu``, ``sd`` the weighted mean and standard deviation over every pixel of the group;
+``std_floor > 0`` divides by ``max(sd, std_floor)`` instead, so that a group whose rewards
+barely differ (a saturated reward) gets small advantages rather than its noise scaled up to
+full size.
 With ``baseline="location"`` the mean is taken per latent pixel over the group, ``mu[i, j]``,
 and ``sd`` is the weighted spread of ``r - mu[i, j]`` over the group (locations nobody gave
 feedback on fall back to the group mean). An image's own spatial mean is never subtracted.
@@ -32,7 +35,7 @@ def image_rewards(reward: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Ten
     return (mean * has).view(-1, 1, 1), has.view(-1, 1, 1)
 
 
-def _normalise(reward, weight, group_reward, group_weight, baseline: str) -> torch.Tensor:
+def _normalise(reward, weight, group_reward, group_weight, baseline: str, std_floor: float) -> torch.Tensor:
     """Advantages of ``reward`` (N, h, w) against the group's maps (M, h, w); unclipped.
 
     Float64 statistics: rewards often differ by far less than their size, and a float32 variance
@@ -48,7 +51,7 @@ def _normalise(reward, weight, group_reward, group_weight, baseline: str) -> tor
         local = (group_weight * group_reward).sum(dim=0) / wsum.clamp_min(torch.finfo(wsum.dtype).tiny)
         mu = torch.where(wsum > 0, local, mu)
     var = (group_weight * (group_reward - mu) ** 2).sum() / total
-    return ((reward - mu) / (var.sqrt() + EPS)).float()
+    return ((reward - mu) / (var.sqrt().clamp_min(std_floor) + EPS)).float()
 
 
 class StatTracker:
@@ -59,16 +62,19 @@ class StatTracker:
     """
 
     def __init__(self, per_prompt: bool = True, buffer_size: int = 16, min_count: int = 16,
-                 baseline: str = "group", adv_clip_max: float = 5.0):
+                 baseline: str = "group", adv_clip_max: float = 5.0, std_floor: float = 0.0):
         if baseline not in ("group", "location"):
             raise ValueError(f"baseline must be 'group' or 'location', got {baseline!r}")
         if buffer_size < 1 or min_count < 0:
             raise ValueError(f"buffer_size must be >= 1 and min_count >= 0, got {buffer_size} and {min_count}")
+        if not std_floor >= 0:
+            raise ValueError(f"std_floor must be >= 0 (0: none), got {std_floor}")
         self.per_prompt = per_prompt
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.baseline = baseline
         self.adv_clip_max = float(adv_clip_max)
+        self.std_floor = float(std_floor)
         self.buffers: dict[str, deque] = {}
 
     def update(self, prompts: list[str], reward: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -82,7 +88,7 @@ class StatTracker:
         reward, weight = reward.detach().float().cpu(), weight.detach().float().cpu()
         advantages = torch.empty_like(reward)
         if not self.per_prompt:
-            advantages[:] = _normalise(reward, weight, reward, weight, self.baseline)
+            advantages[:] = _normalise(reward, weight, reward, weight, self.baseline, self.std_floor)
             return advantages.clamp(-self.adv_clip_max, self.adv_clip_max)
         for prompt in dict.fromkeys(prompts):  # unique, in first-seen order
             idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
@@ -96,7 +102,7 @@ class StatTracker:
             else:
                 group_r = torch.stack([r for r, _ in buf])
                 group_w = torch.stack([w for _, w in buf])
-            advantages[idx] = _normalise(reward[idx], weight[idx], group_r, group_w, self.baseline)
+            advantages[idx] = _normalise(reward[idx], weight[idx], group_r, group_w, self.baseline, self.std_floor)
         return advantages.clamp(-self.adv_clip_max, self.adv_clip_max)
 
     def stats(self) -> dict:

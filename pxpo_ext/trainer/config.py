@@ -90,6 +90,9 @@ class PXPOConfig:
     stat_min_count: int = _help("below this many buffered rewards a prompt uses batch statistics", default=16)
     advantage_baseline: str = _help("'group': one mean over the group's weighted pixels; "
                                     "'location': one mean per latent pixel", default="group", choices=BASELINES)
+    advantage_std_floor: float = _help("advantages divide by max(sd, this), in reward units: a group whose rewards "
+                                       "barely differ gets small advantages, not its noise at full size (0: off)",
+                                       default=0.0)
 
     # Model and devices.
     use_lora: bool = _help("train LoRA adapters on the UNet attention (False: full fine-tuning)", default=True)
@@ -147,6 +150,7 @@ class PXPOConfig:
         number("train_adam_weight_decay", lambda v: v >= 0, "a finite number >= 0")
         number("train_max_grad_norm", lambda v: v >= 0, "a finite number >= 0 (0: no clipping)")
         number("train_adv_clip_max", lambda v: v > 0, "a finite number > 0")
+        number("advantage_std_floor", lambda v: v >= 0, "a finite number >= 0 (0: no floor)")
         number("train_kl_coef", lambda v: v >= 0, "a finite number >= 0 (0: no KL penalty)")
         number("train_lr_warmup_steps", lambda v: v >= 0 and v == int(v), "an integer >= 0")
         if self.lora_alpha is not None:

@@ -193,7 +193,7 @@ class PXPOTrainer:
         self._compiled_gradient_unchecked = c.compile_unet != "no"
 
         self.tracker = StatTracker(c.per_prompt_stat_tracking, c.stat_buffer_size, c.stat_min_count,
-                                   c.advantage_baseline, c.train_adv_clip_max)
+                                   c.advantage_baseline, c.train_adv_clip_max, c.advantage_std_floor)
         with torch.no_grad():
             self.negative_embeds = negative_conditioning(pipe, acc.device, self.image_size, c.sample_negative_prompt)
         self.executor = ThreadPoolExecutor(max_workers=c.reward_workers)

@@ -1,0 +1,86 @@
+"""Scene alignment: per-pixel feedback on whether an image draws what its scene caption asks.
+
+For the embedded model's captions (``"a red circle and a yellow star on a white background"``,
+:mod:`pxpo_ext.scenes`), each pixel is labelled with its nearest palette colour and each
+connected region of a named object's colour is classified as a shape, as the judge does
+(:mod:`pxpo_ext.judge`). Then, per pixel:
+
+- in a region of a named object's colour that has a plausible size and the named shape:
+  ``+min(1, object_area / region area)``, so a correct object earns up to ``object_area`` (by
+  default the median object area of the scene generator) and drawing it larger earns nothing more;
+- elsewhere in a named object's colour (wrong shape, implausible size, fragments): ``-1``;
+- in a palette colour the caption does not name: ``-1``;
+- in the named background colour: ``0``;
+- near no palette colour (blurred edges): weight 0, no feedback.
+
+The feedback says where an image is wrong: a misshapen object or a stray colour is marked where
+it is drawn. Unlike "less blue", no image scores better than one that shows its caption (an
+erased object loses its reward and a recoloured background is penalised), and unlike
+``examples/caption_colours.py`` the objects must be there and of the right shape. The price is a
+reward built from the judge itself, so the judge's rates of a model trained on it show what it
+learned rather than an independent check.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..judge import colour_regions, segment_colours
+from ..scenes import COLOURS, SceneGenerator, parse_caption
+from .base import RewardError, RewardOutput, check_images, register_reward
+
+_LABEL = {name: i for i, name in enumerate(COLOURS)}  # segment_colours labels index list(COLOURS)
+
+
+@lru_cache(maxsize=1)
+def generator_object_area() -> float:
+    """Median object area of the scene generator, as a fraction of the image (200 scenes, seed 0)."""
+    gen = SceneGenerator(image_size=64, seed=0)
+    return float(np.median([float(o["mask"].float().mean()) for i in range(200) for o in gen.sample(i).objects]))
+
+
+def alignment_map(image: torch.Tensor, caption: str, object_area: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(reward, weight)`` maps ``(H, W)`` of one image ``(3, H, W)`` for its caption (module docstring)."""
+    scene = parse_caption(caption)
+    labels = segment_colours(image)
+    reward = np.zeros(labels.shape, np.float32)
+    named = {_LABEL[c] for c in scene["background"]} | {_LABEL[c] for c, _ in scene["objects"]}
+    reward[(labels >= 0) & ~np.isin(labels, list(named))] = -1.0
+    nominal = object_area * labels.size
+    for colour in {c for c, _ in scene["objects"]}:
+        shapes = {s for c, s in scene["objects"] if c == colour}
+        reward[labels == _LABEL[colour]] = -1.0
+        for region, shape in colour_regions(labels, colour)[1]:
+            if shape in shapes:
+                reward[region] = min(1.0, nominal / region.sum())
+    return torch.from_numpy(reward), torch.from_numpy((labels >= 0).astype(np.float32))
+
+
+class SceneAlignmentReward:
+    """Per-pixel scene alignment ``(B, 3, H, W)`` in ``[0, 1]`` -> reward and weight maps ``(B, H, W)``."""
+
+    name = "scene_alignment"
+
+    def __init__(self, object_area: float | None = None):
+        if object_area is not None and not 0.0 < object_area <= 1.0:
+            raise RewardError(f"reward function {self.name!r}: object_area={object_area} must be a fraction "
+                              "of the image in (0, 1]")
+        self.object_area = generator_object_area() if object_area is None else float(object_area)
+
+    def __call__(self, images, prompts, metadata=None) -> RewardOutput:
+        images = check_images(images, self.name)
+        if len(prompts) != len(images):
+            raise RewardError(f"reward function {self.name!r}: {len(images)} images but {len(prompts)} prompts")
+        try:
+            maps = [alignment_map(image, prompt, self.object_area) for image, prompt in zip(images.float().cpu(), prompts)]
+        except ValueError as error:  # a prompt outside the scene grammar
+            raise RewardError(f"reward function {self.name!r} scores only scene captions: {error}") from error
+        return RewardOutput(reward=torch.stack([r for r, _ in maps]), weight=torch.stack([w for _, w in maps]))
+
+
+@register_reward("scene_alignment")
+def scene_alignment(object_area: float | None = None) -> SceneAlignmentReward:
+    """Per-pixel alignment of a scene image with its caption (module docstring)."""
+    return SceneAlignmentReward(object_area)
