@@ -91,7 +91,7 @@ class PXPOConfig:
     advantage_baseline: str = _help("'group': one mean over the group's weighted pixels; "
                                     "'location': one mean per latent pixel", default="group", choices=BASELINES)
     advantage_std_floor: float = _help("advantages divide by max(sd, this), in reward units: a group whose rewards "
-                                       "barely differ gets small advantages, not its noise at full size (0: off)",
+                                       "barely differ weighs less than the others, not its noise at full size (0: off)",
                                        default=0.0)
 
     # Model and devices.
