@@ -34,22 +34,42 @@ def test_a_drawn_caption_scores_each_object_up_to_the_nominal_area_and_nothing_e
                                                     rel=1e-5)
 
 
-def test_a_stray_colour_and_a_misshapen_object_are_marked_where_they_are_drawn(scenes):
-    scene = scenes.scenes[0]
+def broken_copies(scene):
+    """The scene's image with its first object recoloured (to a colour the caption does not name),
+    drawn in another shape at the same place and size, and erased; and that object's mask in each."""
     obj = scene.objects[0]
     unnamed = next(c for c in COLOURS if c not in scene.caption)
-    recoloured = paint(scene.image, obj["mask"], unnamed)
-    # The same object in another shape, same place and size (its old pixels become background).
     other = next(s for s in SHAPES if s != obj["shape"])
     x0, y0, x1, y1 = obj["bbox"]
-    moved = shape_mask(other, (x0 + x1) / 2, (y0 + y1) / 2, obj["size"] * 64, 64, 64)
-    misshapen = paint(paint(scene.image, obj["mask"], scene.background[0]), torch.from_numpy(moved), obj["colour"])
+    moved = torch.from_numpy(shape_mask(other, (x0 + x1) / 2, (y0 + y1) / 2, obj["size"] * 64, 64, 64))
+    erased = paint(scene.image, obj["mask"], scene.background[0])
+    return torch.stack([paint(scene.image, obj["mask"], unnamed), paint(erased, moved, obj["colour"]), erased]), \
+        [obj["mask"], moved, obj["mask"]]
+
+
+def test_a_stray_colour_and_a_misshapen_object_are_marked_where_they_are_drawn(scenes):
+    scene = scenes.scenes[0]
+    images, masks = broken_copies(scene)
     reward = get_reward("scene_alignment")
-    out = reward(torch.stack([scene.image, recoloured, misshapen]), [scene.caption] * 3, [{}] * 3).reward
-    assert (out[0][obj["mask"]] > 0).all()
-    assert (out[1][obj["mask"]] == -1).all()
-    assert (out[2][torch.from_numpy(moved)] == -1).all()
-    assert out[1].sum() < out[0].sum() and out[2].sum() < out[0].sum()
+    out = reward(torch.cat([scene.image[None], images]), [scene.caption] * 4, [{}] * 4).reward
+    assert (out[0][masks[0]] > 0).all()
+    assert (out[1][masks[0]] == -1).all()  # an unnamed colour
+    assert (out[2][masks[1]] < 0).all()  # the named colour in another shape
+    assert (out[2][~masks[1]] >= 0).all()  # it covers more than the nominal area: nothing left for the background
+
+
+def test_a_missing_object_costs_the_nominal_area_whether_misshapen_or_erased(scenes):
+    nominal = generator_object_area() * 64 * 64
+    for scene in scenes.scenes:
+        images, masks = broken_copies(scene)
+        out = get_reward("scene_alignment")(torch.cat([scene.image[None], images]), [scene.caption] * 4, [{}] * 4)
+        totals = out.reward.sum(dim=(1, 2))
+        gain = min(float(scene.objects[0]["mask"].sum()), nominal)
+        # drawn right: + gain; drawn in another shape or erased: - nominal (the erased one on the background)
+        assert float(totals[0] - totals[2]) == pytest.approx(gain + nominal, rel=1e-4)
+        assert float(totals[0] - totals[3]) == pytest.approx(gain + nominal, rel=1e-4)
+        background = ~(masks[2] | torch.stack([o["mask"] for o in scene.objects[1:]] or [torch.zeros_like(masks[2])]).any(0))
+        assert (out.reward[3][background] < 0).all()  # the erased object's cost has no place: the whole background
 
 
 def test_pixels_near_no_palette_colour_get_no_feedback(scenes):
@@ -59,13 +79,13 @@ def test_pixels_near_no_palette_colour_get_no_feedback(scenes):
     assert (out.weight[0, :4, :4] == 0).all() and (out.weight[0, 4:] == 1).all()
 
 
-def test_an_erased_object_loses_its_reward_and_nothing_beats_the_drawn_caption(scenes):
+def test_nothing_beats_the_drawn_caption(scenes):
     scene = scenes.scenes[1]
-    erased = paint(scene.image, scene.objects[0]["mask"], scene.background[0])
-    black = torch.zeros_like(scene.image)
-    out = get_reward("scene_alignment")(torch.stack([scene.image, erased, black]), [scene.caption] * 3, [{}] * 3)
+    images, _ = broken_copies(scene)
+    others = torch.stack([torch.zeros_like(scene.image), torch.ones_like(scene.image), scenes.images[2]])
+    out = get_reward("scene_alignment")(torch.cat([scene.image[None], images, others]), [scene.caption] * 7, [{}] * 7)
     means = out.reward.mean(dim=(1, 2))
-    assert means[0] > means[1] and means[0] > means[2]
+    assert (means[0] > means[1:]).all()
 
 
 def test_object_area_option_and_errors(scenes):

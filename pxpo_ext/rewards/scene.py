@@ -8,14 +8,18 @@ connected region of a named object's colour is classified as a shape, as the jud
 - in a region of a named object's colour that has a plausible size and the named shape:
   ``+min(1, object_area / region area)``, so a correct object earns up to ``object_area`` (by
   default the median object area of the scene generator) and drawing it larger earns nothing more;
-- elsewhere in a named object's colour (wrong shape, implausible size, fragments): ``-1``;
+- a named object that was not found costs ``object_area`` in all: ``-min(1, object_area / area)``
+  on the pixels of its colour outside correct regions (another shape, implausible size,
+  fragments), and what is left, when they cover less than ``object_area``, spread evenly over the
+  named background. A misshapen object and an erased one cost the same, so erasing is no escape;
+- other pixels of a named object's colour (fragments beside a correct object): ``-1``;
 - in a palette colour the caption does not name: ``-1``;
-- in the named background colour: ``0``;
+- in the named background colour: ``0``, less a missing object's share;
 - near no palette colour (blurred edges): weight 0, no feedback.
 
-The feedback says where an image is wrong: a misshapen object or a stray colour is marked where
-it is drawn. Unlike "less blue", no image scores better than one that shows its caption (an
-erased object loses its reward and a recoloured background is penalised), and unlike
+The feedback says where an image is wrong where it can: a misshapen object or a stray colour is
+marked where it is drawn, an absent object (which has no place) on the whole background. Unlike
+"less blue", no image scores better than one that shows its caption, and unlike
 ``examples/caption_colours.py`` the objects must be there and of the right shape. The price is a
 reward built from the judge itself, so the judge's rates of a model trained on it show what it
 learned rather than an independent check.
@@ -49,12 +53,28 @@ def alignment_map(image: torch.Tensor, caption: str, object_area: float) -> tupl
     named = {_LABEL[c] for c in scene["background"]} | {_LABEL[c] for c, _ in scene["objects"]}
     reward[(labels >= 0) & ~np.isin(labels, list(named))] = -1.0
     nominal = object_area * labels.size
+    debt = 0.0  # what missing objects cost beyond their wrong pixels, spread over the background
     for colour in {c for c, _ in scene["objects"]}:
         shapes = {s for c, s in scene["objects"] if c == colour}
-        reward[labels == _LABEL[colour]] = -1.0
+        wrong = labels == _LABEL[colour]
+        found = set()
         for region, shape in colour_regions(labels, colour)[1]:
             if shape in shapes:
                 reward[region] = min(1.0, nominal / region.sum())
+                wrong &= ~region
+                found.add(shape)
+        # A missing object costs `nominal` in all, whether it was drawn wrong or not at all, so that
+        # erasing a misshapen object gains nothing: first on its colour's wrong pixels, the rest on the background.
+        missing = len(shapes - found) * nominal
+        area = int(wrong.sum())
+        if area:
+            reward[wrong] = -min(1.0, missing / area) if missing else -1.0
+        debt += max(0.0, missing - area)
+    if debt:
+        background = np.isin(labels, [_LABEL[c] for c in scene["background"]])
+        if not background.any():
+            background = labels >= 0
+        reward[background] -= min(1.0, debt / max(1, int(background.sum())))
     return torch.from_numpy(reward), torch.from_numpy((labels >= 0).astype(np.float32))
 
 
