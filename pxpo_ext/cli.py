@@ -267,6 +267,12 @@ def load_yaml_config(path, config_cls) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of option names to values, not a {type(data).__name__}")
+    return check_config_values(data, config_cls, str(path))
+
+
+def check_config_values(data: dict, config_cls, where: str) -> dict:
+    """``data`` checked against ``config_cls``'s field names (with a hint for a near miss) and
+    converted to their types; errors start with ``where``."""
     specs = {f.name: ft for f, ft in _config_fields(config_cls)}
     unknown = [str(k) for k in data if k not in specs]
     if unknown:
@@ -275,7 +281,7 @@ def load_yaml_config(path, config_cls) -> dict:
             close = difflib.get_close_matches(key.replace("-", "_"), list(specs), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(
-            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}. "
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}. "
             f"Valid keys: {', '.join(specs)}"
         )
     values = {}
@@ -283,8 +289,23 @@ def load_yaml_config(path, config_cls) -> dict:
         try:
             values[key] = _coerce(value, specs[key], key)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{where}: {err}") from None
     return values
+
+
+def parse_config_pairs(tokens: list[str], config_cls, option: str) -> dict:
+    """``KEY=VALUE`` tokens of a command-line option (``option``, e.g. ``"--set"``), checked as
+    :func:`check_config_values` checks a config file's keys."""
+    data = {}
+    for token in tokens:
+        key, sep, text = token.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} takes key=value pairs, got {token!r} (example: {option} sample_guidance_scale=3)")
+        try:
+            data[key.strip().replace("-", "_")] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:  # not YAML: the text as written
+            data[key.strip().replace("-", "_")] = text
+    return check_config_values(data, config_cls, option)
 
 
 def parse_config(config_cls, argv: Sequence[str] | None = None, prog: str | None = None,

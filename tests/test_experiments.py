@@ -1,5 +1,6 @@
 """The experiment library (curves, measures, the scripted person, CSV) and a smoke run of every
 ``python/experiment_*.py`` with ``--quick`` on a tiny random pipeline built from configs."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pxpo_ext.experiments import curves, figures, person
+from pxpo_ext.experiments import curves, figures, person, settings
 from pxpo_ext.experiments.evaluation import (
     circles_by_judge,
     diversity,
@@ -289,15 +290,20 @@ def quarter(images, prompts, metadata):
 """
 
 
-@pytest.mark.parametrize("captions, kl, own_reward", [("plain", "0", False), ("default-run", "0.5", True)])
-def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl, own_reward):
+@pytest.mark.parametrize("captions, kl, own_reward, set_options", [
+    ("plain", "0", False, []),
+    ("default-run", "0.5", True, ["--set", "sample_guidance_scale=3", "advantage-std-floor=0.01"])])
+def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl, own_reward, set_options):
     reward = []
     if own_reward:  # any reward, named on the command line as train.py takes it
         (tmp_path / "my_reward.py").write_text(CONSTANT_REWARD)
         reward = ["--reward", f"{tmp_path / 'my_reward.py'}:quarter"]
     record, out = run_quick("experiment_sample_efficiency", tiny_model, tmp_path, "--jobs", "1", "--captions", captions,
-                            "--kl-coef", kl, *reward)
+                            "--kl-coef", kl, *reward, *set_options)
     assert record["captions"] == captions and len(set(record["train_prompts"])) > 1
+    if set_options:  # any other trainer option, for every run
+        assert record["set_options"] == {"sample_guidance_scale": 3.0, "advantage_std_floor": 0.01}
+        assert record["train_config"]["sample_guidance_scale"] == 3.0 and record["train_config"]["advantage_std_floor"] == 0.01
     assert record["reward"] == (reward[1] if own_reward else "colour") and record["reward_kwargs"] == {}
     assert record["kl_coef"] == float(kl) and record["train_config"]["train_kl_coef"] == float(kl)
     # Every run's final weights, and the initial model's, were judged on the training captions (1 image each).
@@ -320,6 +326,27 @@ def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl, own_reward)
     paired = record["paired_over_seeds"]
     assert set(paired) == {"final_reward", "mean_reward_after_start", "held_out_reward"}
     assert all(d["seeds"] == 2 and d["ci_low"] <= d["mean"] <= d["ci_high"] for d in paired.values())
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["sample_guidance_scal=3"], "unknown key 'sample_guidance_scal' (did you mean 'sample_guidance_scale'?)"),
+    (["sample_guidance_scale"], "--set takes key=value pairs"),
+    (["train_kl_coef=lots"], "train_kl_coef expects"),
+    (["train_learning_rate=1e-3"], "--set train_learning_rate: this program sets it itself"),
+    (["train_kl_coef=0.1", "seed=3"], "--set seed, train_kl_coef: this program sets them itself"),
+])
+def test_set_refuses_unknown_malformed_and_program_owned_options(tokens, message):
+    args = argparse.Namespace(quick=False, set=tokens)
+    with pytest.raises(SystemExit) as exit_:
+        settings.train_config(args, train_kl_coef=0.0)
+    assert message in str(exit_.value)
+
+
+def test_set_comes_after_the_shared_settings_and_the_programs_own():
+    args = argparse.Namespace(quick=False, set=["sample_batch_size=4", "train_cfg=false"])
+    config = settings.train_config(args, train_timestep_fraction=0.5)
+    assert config["sample_batch_size"] == 4 and config["train_cfg"] is False
+    assert config["train_timestep_fraction"] == 0.5 and config["sample_num_steps"] == settings.TRAIN_CONFIG["sample_num_steps"]
 
 
 @pytest.mark.parametrize("name, models", [("experiment_colour", ["initial", "pxpo", "ddpo"]),
