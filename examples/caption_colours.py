@@ -16,8 +16,10 @@ Measured on the embedded model (2-core CPU, 2026-11-27; the first command with `
 --epochs 40 --accumulation 2 --timestep-fraction 1.0`): it already scores 0.98, so there is nothing
 left to learn, and both methods made it worse: the last epoch's reward was 0.93 (PXPO) and 0.56
 (DDPO) against 0.96 in the first, and named objects drawn as asked fell from 81% to 16% and 3%. Advantages normalised
-per prompt turn the small differences of a saturated reward into full-size updates. Use it on a
-model that draws its captions' colours less well, or with a smaller learning rate.
+per prompt turn the small differences of a saturated reward into full-size updates; with
+`--set advantage_std_floor=0.5` (same seed and settings) PXPO reached 0.998 by erasing objects
+(9% left) and DDPO fell to 0.33. Use it on a model that draws its captions' colours less well,
+or with a smaller learning rate.
 """
 import torch
 
