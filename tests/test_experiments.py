@@ -310,6 +310,8 @@ def test_sample_efficiency_quick(tiny_model, tmp_path, captions, kl, own_reward,
     judged = [record["judged_initial"], *record["judged_final"]["pxpo"], *record["judged_final"]["ddpo"]]
     assert len(judged) == 5 and all(j["n"] == len(record["train_prompts"]) for j in judged)
     assert all(0.0 <= j[k] <= 1.0 for j in judged for k in ("background", "dark"))
+    # Every named object was found or missed for one reason.
+    assert all(j["objects"] + j["wrong_shape"] + j["wrong_size"] + j["absent"] == pytest.approx(1.0) for j in judged)
     assert set(record["queries_to_reach_ddpo_best"]) == {"pxpo", "ddpo"}
     assert record["queries_to_reach_ddpo_best"]["ddpo"] <= record["budget"]  # DDPO reaches its own best
     runs = list(csv.DictReader((out / "sample_efficiency_runs.csv").open()))

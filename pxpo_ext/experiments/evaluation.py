@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from ..judge import detect_objects, fidelity, judge_batch
+from ..judge import detect_objects, fidelity, judge_batch, outcome_shares
 from ..rewards import normalize_output
 from ..rewards.base import reward_name
 from ..scenes import SIZE_RANGE
@@ -107,15 +107,21 @@ def judged_fidelity(trainer, prompts: list[str], images_per_prompt: int) -> dict
     """What the trainer's current weights draw for ``prompts``: the judge's rates, dark share and reward.
 
     Each prompt is drawn ``images_per_prompt`` times, with seeds ``0 .. N - 1`` over all images
-    (prompt-major). Returns :func:`prompt_fidelity`'s rates, ``dark`` (the share of images with a
-    mean below :data:`DARK_MEAN`) and ``reward`` (the trainer's reward, mean over the images).
+    (prompt-major). Returns the judge's rates (background, objects, all, n), why the other named
+    objects were missed (``wrong_shape``, ``wrong_size``, ``absent``: shares of all named objects,
+    :func:`pxpo_ext.judge.outcome_shares`; a fall in objects with a rise in ``absent`` is erasing),
+    ``dark`` (the share of images with a mean below :data:`DARK_MEAN`) and ``reward`` (the
+    trainer's reward, mean over the images).
     """
     captions = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = list(range(len(captions)))
     images = generate(trainer, captions, seeds)
     rewards = mean_rewards(trainer.reward_fn, images, captions, seeds)
     dark = float((images.mean(dim=(1, 2, 3)) < DARK_MEAN).float().mean())
-    return {**prompt_fidelity(images, captions), "dark": dark, "reward": sum(rewards) / len(rewards)}
+    judgements = judge_batch(images, captions)
+    shares = outcome_shares(judgements)
+    return {**fidelity(judgements), "wrong_shape": shares["wrong shape"], "wrong_size": shares["wrong size"],
+            "absent": shares["colour absent"], "dark": dark, "reward": sum(rewards) / len(rewards)}
 
 
 def side_effects(images: torch.Tensor, prompts: list[str], mentions: str | None = None) -> dict:

@@ -165,6 +165,7 @@ def _describe(result: RunResult) -> str:
     judged = ""
     if result.fidelity:
         f = result.fidelity
-        judged = f"; judged: background {f['background']:.0%}, objects {f['objects']:.0%}, dark {f['dark']:.0%}"
+        judged = (f"; judged: background {f['background']:.0%}, objects {f['objects']:.0%} (absent {f['absent']:.0%}), "
+                  f"dark {f['dark']:.0%}")
     return (f"[{result.spec.name}] reward {rewards[0]:.4f} -> {rewards[-1]:.4f} over {result.queries[-1]} queries, "
             f"{result.seconds:.0f} s{judged}")

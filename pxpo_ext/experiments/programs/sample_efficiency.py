@@ -8,8 +8,9 @@ with the same seed draw the same initial noise in their first epoch. ``--reward`
 colour reward with any other, registered or your own (``file.py:name``). A reward that says only
 "less blue" can be gained by breaking the images (black ones score best), so every run's final weights
 then draw each training caption ``--judge-images`` times and :mod:`pxpo_ext.judge` checks them
-against the caption: background as asked, named objects drawn as asked, and the share of nearly
-black images. Writes, under --out
+against the caption: background as asked, named objects drawn as asked (and, for the others,
+whether they were misshapen, mis-sized or absent: a rise in absent objects is erasing), and the
+share of nearly black images. Writes, under --out
 (default docs/figures):
 
     sample_efficiency.png            mean reward vs queries, band = min..max over seeds
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     return args
 
 
-JUDGED = ("background", "objects", "all", "dark", "reward")
+JUDGED = ("background", "objects", "wrong_shape", "wrong_size", "absent", "all", "dark", "reward")
 
 
 def _judged_columns(judged: dict | None, suffix: str = "") -> dict:
