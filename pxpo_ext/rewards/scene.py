@@ -23,8 +23,8 @@ marked where it is drawn, an absent object (which has no place) on the whole bac
 ``examples/caption_colours.py`` the objects must be there and of the right shape. The price is a
 reward built from the judge itself, so the judge's rates of a model trained on it show what it
 learned rather than an independent check. It is not local either (a pixel's value depends on its
-whole region), which PXPO's per-pixel estimator assumes: over long training PXPO grew and merged
-the objects (docs/rewards.md, "Keep per-pixel rewards local"); DDPO treats it as a scalar.
+whole region), which PXPO's per-pixel estimator assumes: in one of two long runs PXPO grew and
+merged the objects (docs/rewards.md, "Keep per-pixel rewards local"); DDPO treats it as a scalar.
 """
 from __future__ import annotations
 
