@@ -23,11 +23,9 @@ or with a smaller learning rate.
 """
 import torch
 
-from pxpo_ext.judge import segment_colours
+from pxpo_ext.judge import LABELS, segment_colours
 from pxpo_ext.rewards import RewardOutput, check_images
-from pxpo_ext.scenes import COLOURS, parse_caption
-
-_INDEX = {name: i for i, name in enumerate(COLOURS)}  # segment_colours labels index list(COLOURS)
+from pxpo_ext.scenes import parse_caption
 
 
 def caption_colours(images, prompts, metadata) -> RewardOutput:
@@ -35,7 +33,7 @@ def caption_colours(images, prompts, metadata) -> RewardOutput:
     rewards, weights = [], []
     for image, prompt in zip(images.float().cpu(), prompts):
         scene = parse_caption(prompt)
-        named = [_INDEX[c] for c in scene["background"]] + [_INDEX[c] for c, _ in scene["objects"]]
+        named = [LABELS[c] for c in scene["background"]] + [LABELS[c] for c, _ in scene["objects"]]
         labels = torch.from_numpy(segment_colours(image))
         rewards.append(torch.where(torch.isin(labels, torch.tensor(named)), 1.0, -1.0))
         weights.append((labels >= 0).float())

@@ -136,15 +136,14 @@ def _coerce(value, ft: _FieldType, name: str):
         raise ConfigError(f"{name} expects {_type_word(ft)}, got {value!r}") from None
 
 
-def _pairs_to_dict(tokens: list[str], name: str) -> dict:
+def _pairs_to_dict(tokens: list[str], name: str, forms: str = "a JSON object or key=value pairs",
+                   example: str = "channel=blue scale=2") -> dict:
+    """``KEY=VALUE`` tokens of option ``--name`` as a dict, each value read as YAML."""
     out = {}
     for token in tokens:
         key, sep, text = token.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(
-                f"--{_option(name)} takes a JSON object or key=value pairs, got {token!r} "
-                f"(example: --{_option(name)} channel=blue scale=2)"
-            )
+            raise ConfigError(f"--{_option(name)} takes {forms}, got {token!r} (example: --{_option(name)} {example})")
         try:
             out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:  # not YAML (e.g. "a: b: c"): keep the text as written
@@ -296,16 +295,8 @@ def check_config_values(data: dict, config_cls, where: str) -> dict:
 def parse_config_pairs(tokens: list[str], config_cls, option: str) -> dict:
     """``KEY=VALUE`` tokens of a command-line option (``option``, e.g. ``"--set"``), checked as
     :func:`check_config_values` checks a config file's keys."""
-    data = {}
-    for token in tokens:
-        key, sep, text = token.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{option} takes key=value pairs, got {token!r} (example: {option} sample_guidance_scale=3)")
-        try:
-            data[key.strip().replace("-", "_")] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:  # not YAML: the text as written
-            data[key.strip().replace("-", "_")] = text
-    return check_config_values(data, config_cls, option)
+    pairs = _pairs_to_dict(tokens, option.lstrip("-"), "key=value pairs", "sample_guidance_scale=3")
+    return check_config_values({key.replace("-", "_"): value for key, value in pairs.items()}, config_cls, option)
 
 
 def parse_config(config_cls, argv: Sequence[str] | None = None, prog: str | None = None,

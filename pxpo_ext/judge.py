@@ -26,6 +26,7 @@ import torch
 from .scenes import COLOURS, SHAPES, SIZE_RANGE, SceneGenerator, parse_caption
 
 _NAMES = list(COLOURS)
+LABELS = {name: i for i, name in enumerate(_NAMES)}  # colour name -> its label in segment_colours' maps
 _PALETTE = np.array([COLOURS[n] for n in _NAMES], dtype=np.float32) / 255.0
 # A pixel farther than this (RGB distance in [0, 1] units) from every palette colour is left
 # unlabelled: blurred edges and off-palette smudges count for no colour.
@@ -144,7 +145,7 @@ def colour_regions(labels: np.ndarray, colour: str) -> tuple[bool, list[tuple[np
     """(whether any pixel of ``labels`` (:func:`segment_colours`) has ``colour``, [(region, its shape or None)
     for its connected regions of plausible size]); the regions are (H, W) bool masks."""
     low, high = _area_range(*labels.shape)
-    regions = connected_components(labels == _NAMES.index(colour))
+    regions = connected_components(labels == LABELS[colour])
     return bool(regions), [(r, classify_shape(r)) for r in regions if low <= r.sum() <= high]
 
 
@@ -173,7 +174,7 @@ def judge(image, caption: str) -> Judgement:
     """Does ``image`` ((3, H, W) in [0, 1]) show ``caption``? See the module docstring for the rules."""
     spec = parse_caption(caption)
     labels = segment_colours(image)
-    background = [_NAMES.index(c) for c in spec["background"]]
+    background = [LABELS[c] for c in spec["background"]]
     if len(background) == 1:
         background_ok = _mode(labels) == background[0]
     else:

@@ -33,11 +33,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..judge import colour_regions, segment_colours
-from ..scenes import COLOURS, SceneGenerator, parse_caption
+from ..judge import LABELS, colour_regions, segment_colours
+from ..scenes import SceneGenerator, parse_caption
 from .base import RewardError, RewardOutput, check_images, register_reward
-
-_LABEL = {name: i for i, name in enumerate(COLOURS)}  # segment_colours labels index list(COLOURS)
 
 
 @lru_cache(maxsize=1)
@@ -52,13 +50,13 @@ def alignment_map(image: torch.Tensor, caption: str, object_area: float) -> tupl
     scene = parse_caption(caption)
     labels = segment_colours(image)
     reward = np.zeros(labels.shape, np.float32)
-    named = {_LABEL[c] for c in scene["background"]} | {_LABEL[c] for c, _ in scene["objects"]}
+    named = {LABELS[c] for c in scene["background"]} | {LABELS[c] for c, _ in scene["objects"]}
     reward[(labels >= 0) & ~np.isin(labels, list(named))] = -1.0
     nominal = object_area * labels.size
     debt = 0.0  # what missing objects cost beyond their wrong pixels, spread over the background
     for colour in {c for c, _ in scene["objects"]}:
         shapes = {s for c, s in scene["objects"] if c == colour}
-        wrong = labels == _LABEL[colour]
+        wrong = labels == LABELS[colour]
         found = set()
         for region, shape in colour_regions(labels, colour)[1]:
             if shape in shapes:
@@ -73,7 +71,7 @@ def alignment_map(image: torch.Tensor, caption: str, object_area: float) -> tupl
             reward[wrong] = -min(1.0, missing / area) if missing else -1.0
         debt += max(0.0, missing - area)
     if debt:
-        background = np.isin(labels, [_LABEL[c] for c in scene["background"]])
+        background = np.isin(labels, [LABELS[c] for c in scene["background"]])
         if not background.any():
             background = labels >= 0
         reward[background] -= min(1.0, debt / max(1, int(background.sum())))
